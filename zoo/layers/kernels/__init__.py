@@ -1,0 +1,33 @@
+"""Fused GPU kernels for zoo.layers operators and the rule that picks a backend.
+
+Every kernel here has a plain-PyTorch reference twin in zoo.layers; `backend="auto"` only picks a
+kernel on CUDA once a real-GPU check of it is recorded in benchmarks/RESULTS.md (listed in
+`GPU_VERIFIED`). Until then auto runs the reference, which is correct everywhere.
+"""
+import importlib.util
+
+import torch
+
+__all__ = ['pick_backend', 'GPU_VERIFIED', 'natten_available']
+
+# Kernels whose real-GPU parity and speed are recorded in benchmarks/RESULTS.md.
+GPU_VERIFIED = frozenset()
+
+
+def natten_available() -> bool:
+    """True when natten with its compiled CUDA library is installed."""
+    if importlib.util.find_spec('natten') is None:
+        return False
+    import natten
+    return bool(getattr(natten, 'HAS_LIBNATTEN', False))
+
+
+def pick_backend(tensor: torch.Tensor, has_rpb: bool, fused: bool) -> str:
+    """Backend for backend='auto': 'triton', 'natten' or 'torch' (the reference)."""
+    if tensor.device.type != 'cuda':
+        return 'torch'
+    if 'na2d' in GPU_VERIFIED:
+        return 'triton'
+    if fused and not has_rpb and natten_available():
+        return 'natten'
+    return 'torch'
