@@ -1,0 +1,208 @@
+"""timm model contract, checked for every registered zoo model (tiny configs, CPU)."""
+import subprocess
+import sys
+
+import pytest
+import timm
+import timm.optim
+import torch
+from safetensors.torch import load_file, save_file
+
+import zoo
+from tiny_configs import ALL_MODELS, FAMILY_REPRESENTATIVES, exception_for, tiny_kwargs
+
+HIERARCHICAL_STRIDES = [4, 8, 16, 32]
+
+
+def build(name: str, **kwargs) -> torch.nn.Module:
+    """Tiny-config model, seeded so that two builds with the same arguments hold the same weights."""
+    torch.manual_seed(0)
+    return timm.create_model(name, **{**tiny_kwargs(name), **kwargs})
+
+
+def input_for(model: torch.nn.Module, batch: int = 2) -> torch.Tensor:
+    torch.manual_seed(0)
+    return torch.randn(batch, *model.pretrained_cfg['input_size'])
+
+
+def is_hierarchical(model: torch.nn.Module) -> bool:
+    return len({info['reduction'] for info in model.feature_info}) > 1
+
+
+def declared(name: str, check: str) -> None:
+    reason = exception_for(name, check)
+    if reason:
+        pytest.skip(f'declared for this family: {reason}')
+
+
+def test_every_family_is_registered():
+    assert {'nat_mini', 'nat_tiny', 'nat_small', 'nat_base', 'dinat_mini', 'dinat_tiny', 'dinat_small', 'dinat_base',
+            'dinat_large', 'dinat_s_tiny', 'nat_isotropic_small', 'vitrpb_small'} <= set(ALL_MODELS)
+
+
+def test_names_do_not_shadow_timm_models():
+    """No zoo name replaces one of timm's own entries (timm only warns when that happens)."""
+    timm_only = subprocess.run([sys.executable, '-c', 'import timm; print("\\n".join(timm.list_models()))'],
+                               capture_output=True, text=True, check=True).stdout.split()
+    assert len(timm_only) > 1000
+    assert not set(ALL_MODELS) & set(timm_only)
+
+
+@pytest.mark.parametrize('name', ALL_MODELS)
+def test_forward_and_grad_checkpointing(name):
+    model = build(name).eval()
+    x = input_for(model)
+    with torch.no_grad():
+        out = model(x)
+        model.set_grad_checkpointing(True)
+        out_ckpt = model(x)
+    assert out.shape == (2, model.num_classes)
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out_ckpt, out)
+
+
+@pytest.mark.parametrize('name', ALL_MODELS)
+def test_backward_reaches_every_parameter(name):
+    declared(name, 'backward')
+    model = build(name, num_classes=42).train()
+    x = torch.randn(2, 3, 64, 64) if not model.pretrained_cfg.get('fixed_input_size') else input_for(model)
+    out = model(x)
+    assert out.shape == (2, 42)
+    out.mean().backward()
+    missing = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
+    assert not missing, f'parameters without gradient: {missing}'
+
+
+@pytest.mark.parametrize('name', ALL_MODELS)
+def test_default_cfg_and_head(name):
+    model = build(name).eval()
+    cfg = model.pretrained_cfg
+    for field in ('url', 'license', 'paper_ids', 'origin_url', 'input_size', 'mean', 'std', 'crop_pct'):
+        assert cfg.get(field), f'{name} cfg lacks {field}'
+    state = model.state_dict()
+    assert cfg['first_conv'] + '.weight' in state and cfg['classifier'] + '.weight' in state
+    assert model.num_features > 0 and model.head_hidden_size > 0
+    x = input_for(model, batch=1)
+    with torch.no_grad():
+        feats = model.forward_features(x)
+        assert feats.shape[1] == model.num_features
+        assert tuple(feats.shape[-2:]) == tuple(cfg['pool_size'])
+        assert model.forward_head(feats, pre_logits=True).shape == (1, model.head_hidden_size)
+        model.reset_classifier(0)
+        assert model(x).shape == (1, model.num_features)
+        model.reset_classifier(0, '')
+        assert model(x).dim() == 4
+        unpooled = timm.create_model(name, num_classes=0, global_pool='', **tiny_kwargs(name)).eval()
+        assert unpooled(x).dim() == 4
+
+
+@pytest.mark.parametrize('name', ALL_MODELS)
+def test_features_only_matches_forward_intermediates(name):
+    model = build(name).eval()
+    x = input_for(model, batch=1)
+    with torch.no_grad():
+        final, intermediates = model.forward_intermediates(x)
+        torch.testing.assert_close(final, model.forward_features(x))
+        features = build(name, features_only=True).eval()
+        outs = features(x)
+    if is_hierarchical(model):
+        assert features.feature_info.reduction() == HIERARCHICAL_STRIDES
+        assert len(intermediates) == 4
+        for out, stride in zip(intermediates, HIERARCHICAL_STRIDES):
+            assert out.shape[-2:] == torch.Size([-(-x.shape[-2] // stride), -(-x.shape[-1] // stride)])
+    assert [o.shape[1] for o in outs] == features.feature_info.channels()
+    for out, expected in zip(outs, intermediates[-len(outs):]):
+        torch.testing.assert_close(out, expected)
+
+
+@pytest.mark.parametrize('name', ALL_MODELS)
+def test_forward_intermediates_options(name):
+    model = build(name).eval()
+    x = input_for(model, batch=1)
+    with torch.no_grad():
+        _, full = model.forward_intermediates(x)
+        model.set_grad_checkpointing(True)
+        last_two = model.forward_intermediates(x, indices=2, intermediates_only=True, stop_early=True)
+        nhwc = model.forward_intermediates(x, indices=[0], output_fmt='NHWC', intermediates_only=True)
+    assert len(last_two) == 2
+    for got, expected in zip(last_two, full[-2:]):
+        torch.testing.assert_close(got, expected)
+    torch.testing.assert_close(nhwc[0].permute(0, 3, 1, 2), full[0])
+    with pytest.raises(ValueError, match='output_fmt'):
+        model.forward_intermediates(x, output_fmt='NLC')
+
+
+@pytest.mark.parametrize('name', ALL_MODELS)
+def test_prune_intermediate_layers(name):
+    model = build(name).eval()
+    x = input_for(model, batch=1)
+    with torch.no_grad():
+        _, full = model.forward_intermediates(x)
+        kept = model.prune_intermediate_layers(indices=[0, 1])
+        pruned = model.forward_intermediates(x, indices=kept, intermediates_only=True)
+    assert kept == [0, 1]
+    for got, expected in zip(pruned, full[:2]):
+        torch.testing.assert_close(got, expected)
+
+
+@pytest.mark.parametrize('name', ALL_MODELS)
+def test_group_matcher_and_no_weight_decay(name):
+    model = build(name)
+    matcher = model.group_matcher()
+    assert set(matcher) == {'stem', 'blocks'}
+    groups = timm.optim.create_optimizer_v2(model, 'adamw', lr=1e-3, weight_decay=0.05,
+                                            layer_decay=0.75).param_groups
+    assert sum(len(g['params']) for g in groups) == len(list(model.parameters()))
+    no_decay = model.no_weight_decay()
+    assert no_decay and all(n.endswith('rpb') for n in no_decay)
+
+
+@pytest.mark.parametrize('name', ALL_MODELS)
+def test_safetensors_round_trip(name, tmp_path):
+    model = build(name).eval()
+    path = tmp_path / 'model.safetensors'
+    save_file(model.state_dict(), str(path))
+    reloaded = timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=str(path)),
+                                 **tiny_kwargs(name)).eval()
+    x = input_for(model, batch=1)
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(x), model(x), rtol=0, atol=0)
+    assert load_file(str(path)).keys() == reloaded.state_dict().keys()
+
+
+@pytest.mark.parametrize('name', ALL_MODELS)
+def test_single_channel_input(name):
+    model = build(name, in_chans=1).eval()
+    size = model.pretrained_cfg['input_size'][1:]
+    with torch.no_grad():
+        assert model(torch.randn(1, 1, *size)).shape == (1, model.num_classes)
+
+
+@pytest.mark.parametrize('name', FAMILY_REPRESENTATIVES)
+def test_torch_export(name):
+    declared(name, 'export')
+    model = build(name).eval()
+    x = input_for(model, batch=1)
+    exported = torch.export.export(model, (x,))
+    with torch.no_grad():
+        torch.testing.assert_close(exported.module()(x), model(x))
+
+
+@pytest.mark.parametrize('name', ['nat_mini', 'dinat_tiny', 'dinat_s_tiny', 'dinat_isotropic_small'])
+def test_small_inputs_pad_instead_of_failing(name):
+    """The NA layers pad maps smaller than kernel * dilation (official behaviour) at any input size."""
+    model = build(name, kernel_size=5).eval()
+    with torch.no_grad():
+        for size in [(32, 32), (40, 72), (17, 23)]:
+            out = model(torch.randn(1, 3, *size))
+            assert out.shape == (1, model.num_classes) and torch.isfinite(out).all()
+
+
+def test_vitrpb_rejects_other_sizes():
+    model = build('vitrpb_small').eval()
+    with pytest.raises(ValueError, match='14x14 token map'):
+        model(torch.randn(1, 3, 160, 160))
+
+
+def test_list_models_is_every_zoo_name():
+    assert zoo.list_models('dinat_s_*') == [n for n in ALL_MODELS if n.startswith('dinat_s_')]
