@@ -1,0 +1,25 @@
+# `make quickstart` and `make test` create .venv on first use (Python 3.10+ with pip and venv).
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: quickstart test test-heavy bench
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[test]'
+	touch $(STAMP)
+
+quickstart: $(STAMP)
+	$(BIN)/python tools/quickstart.py
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+test-heavy: $(STAMP)
+	$(BIN)/python -m pytest -q -m heavy
+
+bench: $(STAMP)
+	$(BIN)/zoo bench --model nat_mini dinat_mini --baseline convnext_tiny
