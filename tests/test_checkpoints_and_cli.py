@@ -1,0 +1,142 @@
+"""Checkpoint loading on the user path (official layouts, bad files), the manifest, and the `zoo` command."""
+import json
+import pickle
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+from safetensors.torch import save_file
+
+import zoo
+from zoo.bench import count_macs
+from zoo.manifest import load_manifest
+from zoo.models.nat import checkpoint_filter_fn
+
+TINY = dict(embed_dim=16, depths=(1, 1, 2, 1), num_heads=(1, 2, 2, 4), kernel_size=3)
+
+
+def _tiny_state(**kwargs):
+    torch.manual_seed(0)
+    return timm.create_model('nat_mini', **{**TINY, **kwargs}).eval()
+
+
+def _load(path, **kwargs):
+    return timm.create_model('nat_mini', pretrained=True, pretrained_cfg_overlay=dict(file=str(path)),
+                             **{**TINY, **kwargs}).eval()
+
+
+@pytest.mark.parametrize('wrap', ['raw', 'model', 'state_dict', 'module_prefix'])
+def test_official_checkpoint_layouts_load(tmp_path, wrap):
+    """The official .pth files are raw state dicts; training scripts wrap them or add 'module.'."""
+    model = _tiny_state()
+    state = model.state_dict()
+    payload = {'raw': state, 'model': {'model': state, 'epoch': 3}, 'state_dict': {'state_dict': state},
+               'module_prefix': {f'module.{k}': v for k, v in state.items()}}[wrap]
+    path = tmp_path / 'ckpt.pth'
+    torch.save(payload, path)
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(_load(path)(x), model(x), rtol=0, atol=0)
+
+
+def test_rpb_of_another_kernel_size_is_resized_bicubically():
+    source = _tiny_state(kernel_size=3).state_dict()
+    target = timm.create_model('nat_mini', **{**TINY, 'kernel_size': 5})
+    filtered = checkpoint_filter_fn(source, target)
+    key = 'levels.0.blocks.0.attn.rpb'
+    expected = torch.nn.functional.interpolate(source[key][None], size=(9, 9), mode='bicubic')[0]
+    torch.testing.assert_close(filtered[key], expected)
+    target.load_state_dict(filtered, strict=True)
+
+
+def test_foreign_checkpoint_is_refused_with_the_key_names(tmp_path):
+    path = tmp_path / 'other.safetensors'
+    save_file({'backbone.conv.weight': torch.zeros(3, 3)}, str(path))
+    with pytest.raises(RuntimeError, match=r'Missing key\(s\).*patch_embed'):
+        _load(path)
+
+
+def test_checkpoint_of_another_size_is_refused(tmp_path):
+    path = tmp_path / 'wider.safetensors'
+    save_file(_tiny_state(embed_dim=32).state_dict(), str(path))
+    with pytest.raises(RuntimeError, match='size mismatch'):
+        _load(path)
+
+
+def test_truncated_checkpoint_is_refused(tmp_path):
+    path = tmp_path / 'cut.safetensors'
+    save_file(_tiny_state().state_dict(), str(path))
+    path.write_bytes(path.read_bytes()[:1000])
+    with pytest.raises(Exception, match='(?i)(header|deserializ|incomplete|invalid)'):
+        _load(path)
+
+
+class _Payload:
+    def __reduce__(self):
+        return (Path.touch, (Path('/tmp/zoo_unpickled_marker'),))
+
+
+def test_loading_never_unpickles_objects(tmp_path):
+    marker = Path('/tmp/zoo_unpickled_marker')
+    marker.unlink(missing_ok=True)
+    path = tmp_path / 'evil.pth'
+    with open(path, 'wb') as f:
+        pickle.dump({'model': _Payload()}, f)
+    with pytest.raises(RuntimeError, match='weights_only=True blocked'):
+        _load(path)
+    assert not marker.exists()
+
+
+def test_manifest_entries_match_registered_cfgs():
+    entries = load_manifest()['official']
+    assert {e['model'] for e in entries} == set(zoo.list_models())
+    for entry in entries:
+        cfg = timm.models.get_pretrained_cfg(f'{entry["model"]}.{entry["tag"]}')
+        assert cfg is not None, entry
+        assert cfg.url.rsplit('/', 1)[-1] == entry['file'], entry
+        assert entry['top1'] is None or 70 < entry['top1'] < 90
+
+
+@pytest.mark.parametrize('name,paper_gflops', [('nat_mini', 2.7), ('dinat_s_tiny', 4.5)])
+def test_macs_match_the_papers(name, paper_gflops):
+    """The papers' FLOPs are fvcore multiply-accumulates; ours count NA MACs the FLOP counter cannot see."""
+    model = timm.create_model(name).eval()
+    assert round(count_macs(model, torch.randn(1, 3, 224, 224)) / 1e9, 1) == paper_gflops
+
+
+def _zoo(*args):
+    return subprocess.run([sys.executable, '-m', 'zoo.cli', *args], capture_output=True, text=True, timeout=600)
+
+
+def test_cli_list():
+    result = _zoo('list', 'dinat_s_*')
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0].split() == ['model', 'params(M)', 'top-1', 'weights']
+    assert [line.split()[0] for line in lines[1:]] == zoo.list_models('dinat_s_*')
+    assert '28.29' in next(line for line in lines if line.startswith('dinat_s_tiny '))
+
+
+def test_cli_list_unknown_pattern_fails():
+    result = _zoo('list', 'nothing_like_this*')
+    assert result.returncode == 1 and 'no zoo model matches' in result.stderr
+
+
+def test_cli_bench_prints_ratios_and_writes_json(tmp_path):
+    out = tmp_path / 'bench.json'
+    result = _zoo('bench', '--model', 'nat_mini', '--baseline', 'resnet18', '--batch-size', '1', '--img-size', '64',
+                  '--warmup', '0', '--iters', '1', '--seconds', '0', '--json', str(out))
+    assert result.returncode == 0, result.stderr
+    header = result.stdout.splitlines()[0].split()
+    assert header == ['model', 'params(M)', 'GMACs', 'img/s@1', 'peakMB@1', 'x_base@1']
+    rows = json.loads(out.read_text())
+    assert [r['model'] for r in rows] == ['resnet18', 'nat_mini']
+    assert rows[0]['vs_baseline'] == {'1': 1.0} and rows[1]['img_per_s']['1'] > 0
+
+
+def test_cli_bench_unknown_model_is_a_clear_error():
+    result = _zoo('bench', '--model', 'nat_gigantic', '--baseline', 'none')
+    assert result.returncode == 2 and 'unknown model(s): nat_gigantic' in result.stderr
