@@ -204,7 +204,47 @@ def _per_layer(values: Optional[Sequence], depth: int, name: str, level: int) ->
     return values
 
 
-class NAT(nn.Module):
+class _PooledClassifier(nn.Module):
+    """Head shared by every model here: final LayerNorm (in `forward_features`), global pool, dropout, Linear.
+
+    Keys `norm.*` and `head.*`, as in the official files.
+    """
+
+    def _init_head(self, num_features: int, num_classes: int, global_pool: str, drop_rate: float,
+                   norm_layer: Callable, dd: Dict) -> None:
+        self.num_classes = num_classes
+        self.num_features = self.head_hidden_size = num_features
+        self.output_fmt = 'NCHW'
+        self.grad_checkpointing = False
+        self.norm = norm_layer(num_features, **dd)
+        self.global_pool = _pool(global_pool)
+        self.head_drop = nn.Dropout(drop_rate)
+        self.head = nn.Linear(num_features, num_classes, **dd) if num_classes > 0 else nn.Identity()
+
+    @torch.jit.ignore
+    def no_weight_decay(self) -> set:
+        return {name for name, _ in self.named_parameters() if name.endswith('rpb')}
+
+    @torch.jit.ignore
+    def get_classifier(self) -> nn.Module:
+        return self.head
+
+    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
+        self.num_classes = num_classes
+        if global_pool is not None:
+            self.global_pool = _pool(global_pool)
+        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        """(B, C, h, w) -> logits (B, num_classes), or pooled features (B, C) with pre_logits."""
+        x = self.head_drop(self.global_pool(x))
+        return x if pre_logits else self.head(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+
+class NAT(_PooledClassifier):
     """Hierarchical neighborhood attention transformer (NAT; DiNAT when `dilations` is given).
 
     Args:
@@ -255,11 +295,9 @@ class NAT(nn.Module):
             raise ValueError(f'dilations has {len(dilations)} levels but depths has {len(depths)}')
         if stem not in ('conv', 'patch') or downsample not in ('conv', 'merge'):
             raise ValueError(f"stem must be 'conv'|'patch' and downsample 'conv'|'merge', got {stem!r}, {downsample!r}")
-        self.num_classes = num_classes
         self.num_levels = len(depths)
-        self.num_features = self.head_hidden_size = int(embed_dim * 2 ** (self.num_levels - 1))
-        self.output_fmt = 'NCHW'
-        self.grad_checkpointing = False
+        self._init_head(int(embed_dim * 2 ** (self.num_levels - 1)), num_classes, global_pool, drop_rate, norm_layer,
+                        dd)
 
         if stem == 'conv':
             self.patch_embed = ConvTokenizer(in_chans, embed_dim, norm_layer, **dd)
@@ -291,20 +329,11 @@ class NAT(nn.Module):
             levels.append(NATLevel(blocks, down))
             self.feature_info.append(dict(num_chs=dim, reduction=4 * 2 ** i, module=f'{self.stage_prefix}.{i}'))
         self.add_module(self.stage_prefix, nn.ModuleList(levels))
-
-        self.norm = norm_layer(self.num_features, **dd)
-        self.global_pool = _pool(global_pool)
-        self.head_drop = nn.Dropout(drop_rate)
-        self.head = nn.Linear(self.num_features, num_classes, **dd) if num_classes > 0 else nn.Identity()
         self.apply(_init_weights)
 
     @property
     def stages(self) -> nn.ModuleList:
         return getattr(self, self.stage_prefix)
-
-    @torch.jit.ignore
-    def no_weight_decay(self) -> set:
-        return {name for name, _ in self.named_parameters() if name.endswith('rpb')}
 
     @torch.jit.ignore
     def group_matcher(self, coarse: bool = False) -> Dict:
@@ -323,16 +352,6 @@ class NAT(nn.Module):
         self.grad_checkpointing = enable
         for level in self.stages:
             level.grad_checkpointing = enable
-
-    @torch.jit.ignore
-    def get_classifier(self) -> nn.Module:
-        return self.head
-
-    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
-        self.num_classes = num_classes
-        if global_pool is not None:
-            self.global_pool = _pool(global_pool)
-        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
 
     def forward_intermediates(
             self,
@@ -390,14 +409,6 @@ class NAT(nn.Module):
             x = level(x)
         return self.norm(x).permute(0, 3, 1, 2)
 
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        """(B, C, h, w) -> logits (B, num_classes), or pooled features (B, C) with pre_logits."""
-        x = self.head_drop(self.global_pool(x))
-        return x if pre_logits else self.head(x)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
-
 
 class DiNATs(NAT):
     """DiNAT_s: the Swin-like DiNAT variant (4x4 patchify stem, patch merging, mlp 4, no layer scale).
@@ -413,7 +424,7 @@ class DiNATs(NAT):
                          downsample=downsample, **kwargs)
 
 
-class NATIsotropic(nn.Module):
+class NATIsotropic(_PooledClassifier):
     """Isotropic (ViT-like, no downsampling) NAT / DiNAT, and the ViT+RPB baseline when kernel_size is None.
 
     Layer i uses dilation 1 when i is even and `dilation` when odd. NA variants accept any input size (the
@@ -445,10 +456,7 @@ class NATIsotropic(nn.Module):
     ):
         super().__init__()
         dd = dict(device=device, dtype=dtype)
-        self.num_classes = num_classes
-        self.num_features = self.head_hidden_size = embed_dim
-        self.output_fmt = 'NCHW'
-        self.grad_checkpointing = False
+        self._init_head(embed_dim, num_classes, global_pool, drop_rate, norm_layer, dd)
         self.patch_embed = PatchEmbed(in_chans, embed_dim, patch_size, norm_layer, **dd)
         grid = tuple(size // patch_size for size in to_2tuple(img_size))
         if kernel_size is None and grid[0] != grid[1]:
@@ -466,15 +474,7 @@ class NATIsotropic(nn.Module):
                                    norm_layer=norm_layer, **dd))
         self.layers = nn.Sequential(*layers)
         self.feature_info = [dict(num_chs=embed_dim, reduction=patch_size, module=f'layers.{i}') for i in range(depth)]
-        self.norm = norm_layer(embed_dim, **dd)
-        self.global_pool = _pool(global_pool)
-        self.head_drop = nn.Dropout(drop_rate)
-        self.head = nn.Linear(embed_dim, num_classes, **dd) if num_classes > 0 else nn.Identity()
         self.apply(_init_weights)
-
-    @torch.jit.ignore
-    def no_weight_decay(self) -> set:
-        return {name for name, _ in self.named_parameters() if name.endswith('rpb')}
 
     @torch.jit.ignore
     def group_matcher(self, coarse: bool = False) -> Dict:
@@ -483,16 +483,6 @@ class NATIsotropic(nn.Module):
     @torch.jit.ignore
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.grad_checkpointing = enable
-
-    @torch.jit.ignore
-    def get_classifier(self) -> nn.Module:
-        return self.head
-
-    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
-        self.num_classes = num_classes
-        if global_pool is not None:
-            self.global_pool = _pool(global_pool)
-        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
 
     def forward_intermediates(
             self,
@@ -537,13 +527,6 @@ class NATIsotropic(nn.Module):
         else:
             x = self.layers(x)
         return self.norm(x).permute(0, 3, 1, 2)
-
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        x = self.head_drop(self.global_pool(x))
-        return x if pre_logits else self.head(x)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
 
 
 def _pool(pool_type: str) -> SelectAdaptivePool2d:
