@@ -1,8 +1,15 @@
-"""Shared test helpers: where the parity fixtures live."""
+"""Shared test helpers: where the parity fixtures live; the Triton interpreter when there is no GPU."""
 import os
 from pathlib import Path
 
 import pytest
+import torch
+
+# Triton reads TRITON_INTERPRET when its library and kernels are defined, i.e. on first import (timm
+# imports it), so it is set here, before any test module imports zoo. Without a GPU the Triton kernels
+# then run on CPU tensors in the interpreter and are tested against the reference.
+if not torch.cuda.is_available():
+    os.environ.setdefault('TRITON_INTERPRET', '1')
 
 REPO = Path(__file__).resolve().parents[1]
 
