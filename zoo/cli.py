@@ -1,6 +1,8 @@
-"""The `zoo` command: `zoo list`, `zoo bench` (training, evaluation and conversion come with the engine)."""
+"""The `zoo` command: list, train, eval, bench."""
 import argparse
+import json
 import sys
+from pathlib import Path
 from typing import List, Optional
 
 import timm
@@ -48,6 +50,59 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train(args: argparse.Namespace) -> int:
+    from zoo.recipes import load_recipe, recipe_to_dict
+    recipe = load_recipe(args.recipe, args.set)
+    if args.dry_run:
+        import yaml
+        print(yaml.safe_dump(recipe_to_dict(recipe), sort_keys=False), end='')
+        return 0
+    if recipe.task != 'classification':
+        raise ValueError(f'task {recipe.task!r} has no trainer yet; only classification can be trained')
+    from zoo.tasks import classification
+    output = args.output or str(Path('runs') / Path(args.recipe).stem)
+    metrics = classification.train(recipe, output, resume=args.resume)
+    print(json.dumps(metrics, indent=1))
+    print(f'run folder: {output} (metrics.json, model/, checkpoints/, logs/)')
+    return 0
+
+
+def _load_for_eval(args: argparse.Namespace):
+    checkpoint = Path(args.checkpoint) if args.checkpoint else None
+    if checkpoint is not None and not checkpoint.exists():
+        raise ValueError(f'checkpoint not found: {checkpoint}')
+    if checkpoint is not None and checkpoint.is_dir():
+        return timm.create_model(f'local-dir:{checkpoint}')
+    if not args.model:
+        raise ValueError('--model is required unless --checkpoint is a model folder (config.json + weights)')
+    kwargs = {} if args.num_classes is None else dict(num_classes=args.num_classes)
+    if checkpoint is None:
+        return timm.create_model(args.model, **kwargs)
+    overlay = dict(file=str(checkpoint), **kwargs)
+    return timm.create_model(args.model, pretrained=True, pretrained_cfg_overlay=overlay, **kwargs)
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from zoo.data.folder import SafeImageFolder
+    from zoo.data.shapes import ShapesClassification
+    from zoo.tasks.classification import eval_transform, evaluate
+    model = _load_for_eval(args)
+    transform = eval_transform(model)
+    if args.data == 'shapes':
+        dataset = ShapesClassification(args.shapes_size, img_size=model.pretrained_cfg['input_size'][-1],
+                                       num_classes=model.num_classes, split='val', transform=transform)
+    else:
+        dataset = SafeImageFolder(args.data, transform=transform)
+        if len(dataset.classes) > model.num_classes:
+            raise ValueError(f'{args.data} has {len(dataset.classes)} classes but the model predicts '
+                             f'{model.num_classes}')
+    metrics = evaluate(model, dataset, batch_size=args.batch_size, workers=args.workers)
+    print(json.dumps(metrics, indent=1))
+    if args.json:
+        Path(args.json).write_text(json.dumps(metrics, indent=1) + '\n')
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog='zoo', description='attention-zoo: attention-era vision backbones')
     sub = parser.add_subparsers(dest='command', required=True)
@@ -56,6 +111,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('pattern', nargs='?', default='*', help='glob over model names, e.g. "dinat_*"')
     p.add_argument('--pretrained', action='store_true', help='only models with official weights')
     p.set_defaults(func=cmd_list)
+
+    p = sub.add_parser('train', help='train from a recipe YAML')
+    p.add_argument('recipe', help='recipe file, e.g. recipes/classification/quickstart.yaml')
+    p.add_argument('--set', action='append', default=[], metavar='KEY=VALUE',
+                   help='override a recipe key by dotted path, e.g. --set optim.lr=1e-4 (repeatable)')
+    p.add_argument('--output', default=None, help='run folder (default: runs/<recipe name>)')
+    p.add_argument('--resume', nargs='?', const='last', default=None,
+                   help='continue from a checkpoint (default: OUTPUT/checkpoints/last.ckpt)')
+    p.add_argument('--dry-run', action='store_true', help='validate and print the resolved recipe, then exit')
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser('eval', help='top-1 / top-5 of a model and checkpoint on an ImageFolder or the shapes set')
+    p.add_argument('--model', default=None, help='registered model name (not needed for a model folder)')
+    p.add_argument('--checkpoint', default=None, help='weights file (official or ours) or a model folder')
+    p.add_argument('--data', required=True, help="ImageFolder root (class sub-folders) or 'shapes'")
+    p.add_argument('--num-classes', type=int, default=None)
+    p.add_argument('--shapes-size', type=int, default=1000, help='images in the shapes validation split')
+    p.add_argument('--batch-size', type=int, default=128)
+    p.add_argument('--workers', type=int, default=2)
+    p.add_argument('--json', default=None, help='also write the metrics to this file')
+    p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser('bench', help='throughput, peak memory, params and MACs vs a timm baseline')
     p.add_argument('--model', nargs='+', required=True, help='models to measure')
@@ -76,7 +152,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except ValueError as err:
+    except (ValueError, FileNotFoundError, FloatingPointError) as err:  # RecipeError is a ValueError
         print(f'zoo {args.command}: error: {err}', file=sys.stderr)
         return 2
 

@@ -1,0 +1,7 @@
+"""Thin script over `zoo bench` (same arguments), for those who run tools/*.py instead of the console script."""
+import sys
+
+from zoo.cli import main
+
+if __name__ == '__main__':
+    sys.exit(main(['bench', *sys.argv[1:]]))

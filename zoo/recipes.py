@@ -1,0 +1,339 @@
+"""Recipes: one YAML file per (model, task, dataset), validated against a schema.
+
+A recipe has the top-level sections below. `base:` names a parent recipe (relative to the file) whose
+values the child overrides key by key; `overrides` (the command line's `--set a.b=value`) override both.
+Every key is checked: an unknown or mistyped key is an error naming the key, the file and the allowed keys.
+Keys of `model:` other than `name`, `checkpoint` and `pretrained` are constructor arguments of the model and
+are checked against its constructor's signature.
+"""
+import dataclasses
+import inspect
+import re
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Union
+
+import yaml
+
+__all__ = ['Recipe', 'RecipeError', 'load_recipe', 'parse_overrides', 'recipe_to_dict', 'save_recipe']
+
+TASKS = ('classification', 'detection', 'segmentation', 'compression')
+
+
+class RecipeError(ValueError):
+    """A recipe that cannot be used, with the file and key at fault in the message."""
+
+
+class _Loader(yaml.SafeLoader):
+    """Safe YAML loader that also reads `1e-4` as a float (plain YAML 1.1 wants `1.0e-4`)."""
+
+
+_Loader.add_implicit_resolver(
+    'tag:yaml.org,2002:float',
+    re.compile(r'^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$|'
+               r'^[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?$|^[-+]?\.[0-9_]+(?:[eE][-+]?[0-9]+)?$|'
+               r'^[-+]?\.(?:inf|Inf|INF)$|^\.(?:nan|NaN|NAN)$'),
+    list('-+0123456789.'))
+
+
+def _yaml(text: str):
+    return yaml.load(text, Loader=_Loader)
+
+
+@dataclass
+class ModelSection:
+    name: str = ''
+    checkpoint: Optional[str] = None
+    pretrained: bool = False
+    kwargs: Dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class DataSection:
+    name: str = 'shapes'
+    root: Optional[str] = None
+    img_size: int = 224
+    batch_size: int = 128
+    eval_batch_size: Optional[int] = None
+    workers: int = 4
+    num_classes: Optional[int] = None
+    train_size: int = 5000
+    val_size: int = 1000
+    seed: int = 0
+    crop_pct: Optional[float] = None
+    interpolation: Optional[str] = None
+    mean: Optional[List[float]] = None
+    std: Optional[List[float]] = None
+
+
+@dataclass
+class OptimSection:
+    name: str = 'adamw'
+    lr: float = 1e-3
+    lr_base_size: Optional[int] = None
+    weight_decay: float = 0.05
+    layer_decay: Optional[float] = None
+    momentum: float = 0.9
+    eps: Optional[float] = None
+    betas: Optional[List[float]] = None
+
+
+@dataclass
+class ScheduleSection:
+    epochs: int = 300
+    sched: str = 'cosine'
+    warmup_epochs: int = 0
+    warmup_lr: float = 1e-6
+    min_lr: float = 0.0
+    cooldown_epochs: int = 0
+    decay_rate: float = 0.1
+    decay_milestones: Optional[List[int]] = None
+
+
+@dataclass
+class AugSection:
+    auto_augment: Optional[str] = None
+    train_interpolation: str = 'random'
+    hflip: float = 0.5
+    color_jitter: Optional[float] = 0.4
+    scale: List[float] = field(default_factory=lambda: [0.08, 1.0])
+    reprob: float = 0.0
+    remode: str = 'pixel'
+    mixup: float = 0.0
+    cutmix: float = 0.0
+    mixup_prob: float = 1.0
+    mixup_switch_prob: float = 0.5
+
+
+@dataclass
+class LossSection:
+    smoothing: float = 0.0
+    bce: bool = False
+    distill: Optional[Dict[str, Any]] = None
+    aux_weight: Optional[float] = None
+    lmbda: Optional[float] = None
+
+
+@dataclass
+class TrainerSection:
+    precision: str = '32-true'
+    accelerator: str = 'auto'
+    devices: Union[int, str] = 1
+    num_nodes: int = 1
+    strategy: str = 'auto'
+    ema: bool = False
+    ema_decay: float = 0.9998
+    clip_grad: Optional[float] = None
+    accumulate: int = 1
+    grad_checkpointing: bool = False
+    seed: int = 42
+    val_every: int = 1
+    checkpoint_every_steps: Optional[int] = None
+
+
+@dataclass
+class LoggingSection:
+    csv: bool = True
+    wandb: bool = False
+    wandb_project: str = 'attention-zoo'
+    wandb_mode: str = 'offline'
+    progress: bool = True
+
+
+@dataclass
+class Recipe:
+    task: str = 'classification'
+    model: ModelSection = field(default_factory=ModelSection)
+    data: DataSection = field(default_factory=DataSection)
+    optim: OptimSection = field(default_factory=OptimSection)
+    schedule: ScheduleSection = field(default_factory=ScheduleSection)
+    aug: AugSection = field(default_factory=AugSection)
+    loss: LossSection = field(default_factory=LossSection)
+    trainer: TrainerSection = field(default_factory=TrainerSection)
+    logging: LoggingSection = field(default_factory=LoggingSection)
+    phases: Optional[List[Dict[str, Any]]] = None
+    source: Optional[Union[str, List[str]]] = None
+    path: Optional[str] = None
+
+
+_MODEL_RESERVED = ('name', 'checkpoint', 'pretrained')
+
+
+def _type_ok(value: Any, annotation: Any) -> bool:
+    """Whether a YAML value fits a field annotation (ints are accepted where floats are expected)."""
+    origin = typing.get_origin(annotation)
+    if annotation is Any:
+        return True
+    if origin is Union:
+        return any(_type_ok(value, arg) for arg in typing.get_args(annotation))
+    if annotation is type(None):
+        return value is None
+    if origin in (list, List):
+        (inner,) = typing.get_args(annotation) or (Any,)
+        return isinstance(value, (list, tuple)) and all(_type_ok(v, inner) for v in value)
+    if origin in (dict, Dict):
+        return isinstance(value, dict)
+    if annotation is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if annotation is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, annotation)
+
+
+def _type_name(annotation: Any) -> str:
+    return str(annotation).replace('typing.', '') if not isinstance(annotation, type) else annotation.__name__
+
+
+def _build_section(cls: type, values: Any, where: str, source: str):
+    if not isinstance(values, dict):
+        raise RecipeError(f'{source}: `{where}` must be a mapping, got {type(values).__name__}')
+    hints = typing.get_type_hints(cls)
+    allowed = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in values.items():
+        if key not in allowed:
+            raise RecipeError(f'{source}: unknown key `{where}.{key}`; allowed keys of `{where}`: {", ".join(allowed)}')
+        if not _type_ok(value, hints[key]):
+            raise RecipeError(f'{source}: `{where}.{key}` must be {_type_name(hints[key])}, got {value!r}')
+        kwargs[key] = value
+    return cls(**kwargs)
+
+
+def _model_section(values: Any, source: str) -> ModelSection:
+    if not isinstance(values, dict):
+        raise RecipeError(f'{source}: `model` must be a mapping with at least `name`')
+    reserved = {k: v for k, v in values.items() if k in _MODEL_RESERVED}
+    section = _build_section(ModelSection, reserved, 'model', source)
+    section.kwargs = {k: v for k, v in values.items() if k not in _MODEL_RESERVED}
+    if not section.name:
+        raise RecipeError(f'{source}: `model.name` is required')
+    return section
+
+
+def constructor_arguments(model_name: str) -> Sequence[str]:
+    """Keyword arguments accepted by `timm.create_model(model_name, ...)`: the model class's constructor plus timm's."""
+    import timm
+    import torch
+
+    import zoo  # noqa: F401  (registers the zoo's models)
+    if not timm.is_model(model_name):
+        raise RecipeError(f'unknown model `{model_name}` (see `zoo list`)')
+    with torch.device('meta'):
+        model_cls = type(timm.create_model(model_name))
+    params = inspect.signature(model_cls.__init__).parameters
+    return sorted(set(params) - {'self', 'args', 'kwargs'} | {'features_only', 'out_indices', 'pretrained_cfg_overlay'})
+
+
+def check_model_kwargs(section: ModelSection, source: str) -> None:
+    """Raise RecipeError when a `model:` key is not a constructor argument of the named model."""
+    try:
+        allowed = constructor_arguments(section.name)
+    except RecipeError as err:
+        raise RecipeError(f'{source}: {err}') from None
+    for key in section.kwargs:
+        if key not in allowed:
+            raise RecipeError(f'{source}: unknown key `model.{key}` for {section.name}; allowed: '
+                              f'{", ".join(list(_MODEL_RESERVED) + list(allowed))}')
+
+
+def _deep_merge(base: Dict, child: Dict) -> Dict:
+    merged = dict(base)
+    for key, value in child.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def _read_tree(path: Path, seen: tuple = ()) -> Dict:
+    """The recipe at `path` with its `base:` chain merged in (child wins)."""
+    if path in seen:
+        raise RecipeError(f'{path}: `base` chain loops back to itself: {" -> ".join(map(str, seen + (path,)))}')
+    if not path.is_file():
+        raise RecipeError(f'recipe not found: {path}')
+    try:
+        raw = _yaml(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise RecipeError(f'{path}: not valid YAML: {err}') from None
+    if not isinstance(raw, dict):
+        raise RecipeError(f'{path}: a recipe must be a mapping of sections, got {type(raw).__name__}')
+    base = raw.pop('base', None)
+    if base is None:
+        return raw
+    if not isinstance(base, str):
+        raise RecipeError(f'{path}: `base` must be a path to another recipe, got {base!r}')
+    return _deep_merge(_read_tree((path.parent / base).resolve(), seen + (path,)), raw)
+
+
+def parse_overrides(items: Sequence[str]) -> Dict:
+    """['a.b=1', 'c=x'] -> {'a': {'b': 1}, 'c': 'x'}; values are parsed as YAML scalars or lists."""
+    tree: Dict = {}
+    for item in items:
+        if '=' not in item:
+            raise RecipeError(f'override `{item}` is not of the form section.key=value')
+        dotted, text = item.split('=', 1)
+        keys = dotted.strip().split('.')
+        if not all(keys):
+            raise RecipeError(f'override `{item}` has an empty key')
+        node = tree
+        for key in keys[:-1]:
+            node = node.setdefault(key, {})
+            if not isinstance(node, dict):
+                raise RecipeError(f'override `{item}` conflicts with another override of `{key}`')
+        node[keys[-1]] = _yaml(text) if text.strip() else None
+    return tree
+
+
+_SECTIONS = {
+    'data': DataSection, 'optim': OptimSection, 'schedule': ScheduleSection, 'aug': AugSection,
+    'loss': LossSection, 'trainer': TrainerSection, 'logging': LoggingSection,
+}
+
+
+def recipe_from_dict(tree: Dict, source: str, check_model: bool = True) -> Recipe:
+    """Validate a merged recipe mapping and build the Recipe."""
+    allowed = [f.name for f in dataclasses.fields(Recipe) if f.name != 'path'] + ['base']
+    for key in tree:
+        if key not in allowed:
+            raise RecipeError(f'{source}: unknown top-level key `{key}`; allowed: {", ".join(allowed)}')
+    task = tree.get('task', 'classification')
+    if task not in TASKS:
+        raise RecipeError(f'{source}: `task` must be one of {", ".join(TASKS)}, got {task!r}')
+    if 'model' not in tree:
+        raise RecipeError(f'{source}: the `model` section (with `name`) is required')
+    model = _model_section(tree['model'], source)
+    if check_model:
+        check_model_kwargs(model, source)
+    sections = {name: _build_section(cls, tree.get(name) or {}, name, source) for name, cls in _SECTIONS.items()}
+    phases = tree.get('phases')
+    if phases is not None and not (isinstance(phases, list) and all(isinstance(p, dict) for p in phases)):
+        raise RecipeError(f'{source}: `phases` must be a list of partial recipes (mappings)')
+    source_field = tree.get('source')
+    if source_field is not None and not _type_ok(source_field, Union[str, List[str]]):
+        raise RecipeError(f'{source}: `source` must be a string or a list of strings')
+    return Recipe(task=task, model=model, phases=phases, source=source_field, path=source, **sections)
+
+
+def load_recipe(path: Union[str, Path], overrides: Sequence[str] = (), check_model: bool = True) -> Recipe:
+    """Load, merge (`base:` chain, then `--set` overrides) and validate a recipe file."""
+    path = Path(path).resolve()
+    tree = _deep_merge(_read_tree(path), parse_overrides(overrides))
+    return recipe_from_dict(tree, str(path), check_model=check_model)
+
+
+def recipe_to_dict(recipe: Recipe) -> Dict:
+    """The resolved recipe as plain data, in the file format (model kwargs inline)."""
+    out = dataclasses.asdict(recipe)
+    model = out.pop('model')
+    out['model'] = {'name': model['name'], 'checkpoint': model['checkpoint'], 'pretrained': model['pretrained'],
+                    **model['kwargs']}
+    out.pop('path')
+    order = ['task', 'source', 'model', *(_SECTIONS), 'phases']
+    return {key: out[key] for key in order if out.get(key) is not None}
+
+
+def save_recipe(recipe: Recipe, path: Union[str, Path]) -> None:
+    """Write the resolved recipe (what the run actually used) as YAML."""
+    Path(path).write_text(yaml.safe_dump(recipe_to_dict(recipe), sort_keys=False))

@@ -1,0 +1,268 @@
+"""Image classification: training from a recipe (PyTorch Lightning + timm) and top-1/top-5 evaluation.
+
+The task talks to any backbone through timm's contract only; data comes from an ImageFolder tree or the
+built-in shapes set, transformed with timm's train/eval transforms.
+"""
+import math
+from pathlib import Path
+from typing import Dict, Optional, Tuple
+
+import pytorch_lightning as pl
+import timm
+import torch
+import torch.nn as nn
+from timm.data import Mixup, create_transform, resolve_data_config
+from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+from timm.optim import create_optimizer_v2
+from timm.scheduler import create_scheduler_v2
+from timm.utils import ModelEmaV3
+from torch.utils.data import DataLoader, Dataset, default_collate
+
+import zoo  # noqa: F401  (registers the zoo's models)
+from zoo.data.folder import UNREADABLE, SafeImageFolder
+from zoo.data.shapes import ShapesClassification
+from zoo.recipes import Recipe
+from zoo.tasks.engine import build_trainer, check_finite_loss, prepare_run_dir, write_metrics
+
+__all__ = ['ClassificationModule', 'build_model', 'data_config', 'build_datasets', 'train', 'evaluate',
+           'skip_unreadable_collate']
+
+
+def skip_unreadable_collate(batch):
+    """Collate (image, label) items, dropping unreadable ones: returns (images, labels, number dropped)."""
+    items = [item for item in batch if item is not UNREADABLE]
+    if not items:
+        return None
+    images, labels = default_collate(items)
+    return images, labels, len(batch) - len(items)
+
+
+def build_model(recipe: Recipe, num_classes: int) -> nn.Module:
+    """The recipe's model with `num_classes` outputs, from its checkpoint when one is given."""
+    kwargs = dict(recipe.model.kwargs, num_classes=num_classes)
+    if recipe.model.checkpoint:
+        # the pretrained-file path runs the family's checkpoint_filter_fn and drops a head of another size
+        kwargs.update(pretrained=True, pretrained_cfg_overlay=dict(file=recipe.model.checkpoint))
+    model = timm.create_model(recipe.model.name, **kwargs)
+    if recipe.trainer.grad_checkpointing:
+        model.set_grad_checkpointing(True)
+    return model
+
+
+def data_config(recipe: Recipe, model: nn.Module) -> Dict:
+    """Input size, interpolation, mean/std and crop of the run: the recipe's values over the model's cfg."""
+    d = recipe.data
+    config = resolve_data_config({}, model=model)
+    config['input_size'] = (3, d.img_size, d.img_size)
+    for key in ('crop_pct', 'interpolation', 'mean', 'std'):
+        if getattr(d, key) is not None:
+            config[key] = tuple(getattr(d, key)) if key in ('mean', 'std') else getattr(d, key)
+    return config
+
+
+def _transforms(recipe: Recipe, config: Dict):
+    a = recipe.aug
+    train = create_transform(
+        config['input_size'], is_training=True, auto_augment=a.auto_augment, interpolation=a.train_interpolation,
+        hflip=a.hflip, color_jitter=a.color_jitter, scale=tuple(a.scale), re_prob=a.reprob, re_mode=a.remode,
+        mean=config['mean'], std=config['std'])
+    val = create_transform(config['input_size'], is_training=False, interpolation=config['interpolation'],
+                           crop_pct=config['crop_pct'], mean=config['mean'], std=config['std'])
+    return train, val
+
+
+def build_datasets(recipe: Recipe, train_transform=None, val_transform=None) -> Tuple[Dataset, Dataset, int]:
+    """(train, val, num_classes) for `data.name` 'shapes' (built in) or 'imagefolder' (root/train, root/val)."""
+    d = recipe.data
+    if d.name == 'shapes':
+        num_classes = d.num_classes or 10
+        common = dict(img_size=d.img_size, num_classes=num_classes, seed=d.seed)
+        return (ShapesClassification(d.train_size, split='train', transform=train_transform, **common),
+                ShapesClassification(d.val_size, split='val', transform=val_transform, **common), num_classes)
+    if d.name == 'imagefolder':
+        if not d.root:
+            raise ValueError('data.root is required for data.name=imagefolder (a folder with train/ and val/)')
+        train = SafeImageFolder(str(Path(d.root) / 'train'), transform=train_transform)
+        val = SafeImageFolder(str(Path(d.root) / 'val'), transform=val_transform)
+        if train.classes != val.classes:
+            raise ValueError(f'{d.root}: train/ and val/ have different class folders')
+        num_classes = d.num_classes or len(train.classes)
+        return train, val, num_classes
+    raise ValueError(f"data.name must be 'shapes' or 'imagefolder', got {d.name!r}")
+
+
+class ClassificationModule(pl.LightningModule):
+    """A timm model trained with mixup/cutmix, label smoothing, layer decay, EMA and a per-step LR schedule."""
+
+    def __init__(self, recipe: Recipe, num_classes: int, updates_per_epoch: int, run_dir: Optional[Path] = None):
+        super().__init__()
+        self.recipe = recipe
+        self.run_dir = run_dir
+        self.updates_per_epoch = updates_per_epoch
+        self.model = build_model(recipe, num_classes)
+        self.ema = ModelEmaV3(self.model, decay=recipe.trainer.ema_decay) if recipe.trainer.ema else None
+        a, smoothing = recipe.aug, recipe.loss.smoothing
+        self.mixup = None
+        if a.mixup > 0 or a.cutmix > 0:
+            self.mixup = Mixup(mixup_alpha=a.mixup, cutmix_alpha=a.cutmix, prob=a.mixup_prob,
+                               switch_prob=a.mixup_switch_prob, label_smoothing=smoothing, num_classes=num_classes)
+            self.train_loss = SoftTargetCrossEntropy()
+        elif smoothing > 0:
+            self.train_loss = LabelSmoothingCrossEntropy(smoothing)
+        else:
+            self.train_loss = nn.CrossEntropyLoss()
+        self.top_k = min(5, num_classes)
+        self.scheduler = None
+        self.skipped_images = 0
+        self.fit_seconds = 0.0
+        self._val = {'correct1': 0, 'correctk': 0, 'count': 0, 'loss': 0.0}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x)
+
+    def configure_optimizers(self):
+        o, s = self.recipe.optim, self.recipe.schedule
+        lr = o.lr
+        if o.lr_base_size:
+            lr = o.lr * self.recipe.data.batch_size * self.recipe.trainer.accumulate * self.trainer.world_size \
+                / o.lr_base_size
+        extra = {k: v for k, v in (('eps', o.eps), ('betas', tuple(o.betas) if o.betas else None)) if v is not None}
+        optimizer = create_optimizer_v2(self.model, opt=o.name, lr=lr, weight_decay=o.weight_decay,
+                                        layer_decay=o.layer_decay, momentum=o.momentum, **extra)
+        sched_args = dict(decay_milestones=s.decay_milestones) if s.decay_milestones else {}
+        self.scheduler, _ = create_scheduler_v2(
+            optimizer, sched=s.sched, num_epochs=s.epochs, warmup_epochs=s.warmup_epochs, warmup_lr=s.warmup_lr,
+            min_lr=s.min_lr, cooldown_epochs=s.cooldown_epochs, decay_rate=s.decay_rate, step_on_epochs=False,
+            updates_per_epoch=self.updates_per_epoch, **sched_args)
+        self.scheduler.step_update(self.global_step)
+        return optimizer
+
+    def training_step(self, batch, batch_idx):
+        if batch is None:
+            return None
+        images, labels, skipped = batch
+        self.skipped_images += int(skipped)
+        targets = labels
+        if self.mixup is not None and images.shape[0] % 2 == 0:
+            images, targets = self.mixup(images, labels)
+        loss = self.train_loss(self.model(images), targets)
+        check_finite_loss(loss.detach(), self.global_step, self.current_epoch, self.run_dir)
+        self.log('train_loss', loss, prog_bar=True, on_step=True, on_epoch=True)
+        self.log('lr', self.trainer.optimizers[0].param_groups[0]['lr'], on_step=True, on_epoch=False)
+        return loss
+
+    def on_train_batch_end(self, outputs, batch, batch_idx):
+        if self.ema is not None:
+            self.ema.update(self.model, step=self.global_step)
+        self.scheduler.step_update(self.global_step)
+
+    def _eval_model(self) -> nn.Module:
+        return self.ema.module if self.ema is not None else self.model
+
+    def on_validation_epoch_start(self):
+        self._val = {'correct1': 0, 'correctk': 0, 'count': 0, 'loss': 0.0}
+
+    def validation_step(self, batch, batch_idx):
+        if batch is None:
+            return
+        images, labels, skipped = batch
+        logits = self._eval_model()(images)
+        self._val['loss'] += nn.functional.cross_entropy(logits, labels, reduction='sum').item()
+        topk = logits.topk(self.top_k, dim=1).indices
+        self._val['correct1'] += (topk[:, 0] == labels).sum().item()
+        self._val['correctk'] += (topk == labels[:, None]).any(dim=1).sum().item()
+        self._val['count'] += labels.numel()
+
+    def on_validation_epoch_end(self):
+        totals = torch.tensor([self._val['correct1'], self._val['correctk'], self._val['count'], self._val['loss']],
+                              dtype=torch.float64, device=self.device)
+        totals = self.trainer.strategy.reduce(totals, reduce_op='sum')
+        count = max(totals[2].item(), 1.0)
+        self.log_dict({'val_top1': 100 * totals[0].item() / count, 'val_top5': 100 * totals[1].item() / count,
+                       'val_loss': totals[3].item() / count}, prog_bar=True, sync_dist=False)
+
+    def on_save_checkpoint(self, checkpoint):
+        checkpoint['zoo_scheduler'] = self.scheduler.state_dict() if self.scheduler else None
+        checkpoint['zoo_ema'] = self.ema.module.state_dict() if self.ema is not None else None
+        checkpoint['zoo_skipped_images'] = self.skipped_images
+
+    def on_load_checkpoint(self, checkpoint):
+        if self.ema is not None and checkpoint.get('zoo_ema') is not None:
+            self.ema.module.load_state_dict(checkpoint['zoo_ema'])
+        self.skipped_images = checkpoint.get('zoo_skipped_images', 0)
+        self._scheduler_state = checkpoint.get('zoo_scheduler')
+
+    def on_train_start(self):
+        if getattr(self, '_scheduler_state', None):
+            self.scheduler.load_state_dict(self._scheduler_state)
+        self.scheduler.step_update(self.global_step)
+
+
+def _loader(dataset: Dataset, recipe: Recipe, train: bool) -> DataLoader:
+    d = recipe.data
+    batch_size = d.batch_size if train else (d.eval_batch_size or d.batch_size)
+    return DataLoader(dataset, batch_size=batch_size, shuffle=train, num_workers=d.workers, drop_last=train,
+                      collate_fn=skip_unreadable_collate, persistent_workers=d.workers > 0,
+                      pin_memory=torch.cuda.is_available())
+
+
+def export_model(model: nn.Module, config: Dict, folder: Path) -> Path:
+    """Final weights in timm's local-dir format (model.safetensors + config.json with the data config)."""
+    model.pretrained_cfg = dict(model.pretrained_cfg, **{k: config[k] for k in
+                                                           ('input_size', 'interpolation', 'mean', 'std', 'crop_pct')},
+                                num_classes=model.num_classes)
+    timm.models.save_for_hf(model, str(folder), safe_serialization=True)
+    return folder
+
+
+def train(recipe: Recipe, output: str, resume: Optional[str] = None) -> Dict[str, float]:
+    """Train the recipe's model; writes the run folder (see zoo.tasks.engine) and returns the final metrics."""
+    out = prepare_run_dir(recipe, output)
+    pl.seed_everything(recipe.trainer.seed, workers=True, verbose=False)
+    probe = timm.create_model(recipe.model.name, **recipe.model.kwargs)
+    config = data_config(recipe, probe)
+    del probe
+    train_set, val_set, num_classes = build_datasets(recipe, *_transforms(recipe, config))
+    train_loader, val_loader = _loader(train_set, recipe, True), _loader(val_set, recipe, False)
+    updates = max(1, math.ceil(len(train_loader) / recipe.trainer.accumulate))
+    module = ClassificationModule(recipe, num_classes, updates, run_dir=out)
+    trainer = build_trainer(recipe, out, monitor='val_top1')
+    if resume == 'last':
+        resume = str(out / 'checkpoints' / 'last.ckpt')
+    if resume and not Path(resume).is_file():
+        raise FileNotFoundError(f'no checkpoint to resume from at {resume}')
+    trainer.fit(module, train_loader, val_loader, ckpt_path=resume)
+    final = trainer.validate(module, val_loader, verbose=False)[0]
+    metrics = {'val_top1': final['val_top1'], 'val_top5': final['val_top5'], 'val_loss': final['val_loss'],
+               'epochs': trainer.current_epoch, 'seconds': round(module.fit_seconds, 1),
+               'skipped_images': module.skipped_images}
+    if trainer.is_global_zero:
+        export_model(module._eval_model(), config, out / 'model')
+        write_metrics(out, metrics)
+    return metrics
+
+
+def evaluate(model: nn.Module, dataset: Dataset, batch_size: int = 128, workers: int = 2) -> Dict[str, float]:
+    """Top-1 / top-5 accuracy (%) of `model` on `dataset` (already transformed), plus counts."""
+    loader = DataLoader(dataset, batch_size=batch_size, num_workers=workers, collate_fn=skip_unreadable_collate)
+    model.eval()
+    correct1 = correct5 = count = skipped = 0
+    with torch.no_grad():
+        for batch in loader:
+            if batch is None:
+                continue
+            images, labels, dropped = batch
+            skipped += dropped
+            topk = model(images).topk(min(5, model.num_classes), dim=1).indices
+            correct1 += (topk[:, 0] == labels).sum().item()
+            correct5 += (topk == labels[:, None]).any(dim=1).sum().item()
+            count += labels.numel()
+    if count == 0:
+        raise ValueError('no readable images to evaluate')
+    return {'top1': 100 * correct1 / count, 'top5': 100 * correct5 / count, 'images': count,
+            'skipped_images': skipped}
+
+
+def eval_transform(model: nn.Module):
+    """The model's pretrained-cfg eval transform (resize, centre crop, normalise)."""
+    return create_transform(**resolve_data_config({}, model=model), is_training=False)
