@@ -6,6 +6,7 @@ import sys
 import pytest
 import timm
 import torch
+from safetensors.torch import load_file
 
 from conftest import REPO
 from zoo.recipes import load_recipe
@@ -30,8 +31,10 @@ def test_train_writes_the_run_folder_and_eval_reproduces_its_metrics(tmp_path):
                  'model/model.safetensors', 'model/config.json'):
         assert (run / name).is_file(), name
     assert load_recipe(run / 'recipe.yaml').data.train_size == 48
-    model = timm.create_model(f'local-dir:{run / "model"}')
+    model = timm.create_model(f'local-dir:{run / "model"}', pretrained=True)
     assert tuple(model.pretrained_cfg['input_size']) == (3, 32, 32) and model.num_classes == 10
+    saved = load_file(str(run / 'model' / 'model.safetensors'))
+    assert all(torch.equal(saved[k], v) for k, v in model.state_dict().items())
     result = subprocess.run([sys.executable, '-m', 'zoo.cli', 'eval', '--checkpoint', str(run / 'model'), '--data',
                              'shapes', '--shapes-size', '40', '--workers', '0', '--json', str(tmp_path / 'e.json')],
                             capture_output=True, text=True, timeout=300)

@@ -72,7 +72,7 @@ def _load_for_eval(args: argparse.Namespace):
     if checkpoint is not None and not checkpoint.exists():
         raise ValueError(f'checkpoint not found: {checkpoint}')
     if checkpoint is not None and checkpoint.is_dir():
-        return timm.create_model(f'local-dir:{checkpoint}')
+        return timm.create_model(f'local-dir:{checkpoint}', pretrained=True)
     if not args.model:
         raise ValueError('--model is required unless --checkpoint is a model folder (config.json + weights)')
     kwargs = {} if args.num_classes is None else dict(num_classes=args.num_classes)
