@@ -9,7 +9,7 @@ import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import List, Tuple
+from typing import Dict, List, Tuple
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -172,7 +172,10 @@ def _box(mask: np.ndarray) -> Tuple[float, float, float, float]:
 
 
 class ShapesClassification(Dataset):
-    """Classification view: one shape per image, label = its class. Items are (transformed PIL image, label)."""
+    """Classification view: one shape per image, label = its class. Items are (transformed PIL image, label).
+
+    Rendered images are kept in memory (img_size^2 * 3 bytes each) so later epochs skip the rendering.
+    """
 
     def __init__(self, num_samples: int = 5000, img_size: int = 64, num_classes: int = 10, seed: int = 0,
                  split: str = 'train', transform=None):
@@ -180,14 +183,18 @@ class ShapesClassification(Dataset):
                                    split=split)
         self.transform = transform
         self.classes = list(SHAPE_CLASSES[:num_classes])
+        self._rendered: Dict[int, Tuple[np.ndarray, int]] = {}
 
     def __len__(self) -> int:
         return self.config.num_samples
 
     def __getitem__(self, index: int):
-        sample = render_sample(self.config, index)
-        image = Image.fromarray(sample.image)
-        return (self.transform(image) if self.transform else image), int(sample.labels[0])
+        if index not in self._rendered:
+            sample = render_sample(self.config, index)
+            self._rendered[index] = (sample.image, int(sample.labels[0]))
+        pixels, label = self._rendered[index]
+        image = Image.fromarray(pixels)
+        return (self.transform(image) if self.transform else image), label
 
 
 def _rle(mask: np.ndarray) -> dict:

@@ -682,9 +682,10 @@ def _(attn, value, kernel_size, dilation):
     return torch.empty_like(value)
 
 
-def _av_setup_context(ctx, inputs, output):
-    attn, value, kernel_size, dilation = inputs
-    ctx.save_for_backward(attn, value)
+def _pair_setup_context(ctx, inputs, output):
+    """Shared by na2d_av and na2d_scatter: both take (weights, tensor, kernel_size, dilation)."""
+    weights, tensor, kernel_size, dilation = inputs
+    ctx.save_for_backward(weights, tensor)
     ctx.kernel_size, ctx.dilation = kernel_size, dilation
 
 
@@ -697,7 +698,7 @@ def _av_grad(ctx, grad_out):
     return grad_attn, grad_value, None, None
 
 
-_av_op.register_autograd(_av_grad, setup_context=_av_setup_context)
+_av_op.register_autograd(_av_grad, setup_context=_pair_setup_context)
 
 
 @torch.library.custom_op('zoo::na2d_scatter', mutates_args=())
@@ -711,12 +712,6 @@ def _(weights, x, kernel_size, dilation):
     return torch.empty_like(x)
 
 
-def _scatter_setup_context(ctx, inputs, output):
-    weights, x, kernel_size, dilation = inputs
-    ctx.save_for_backward(weights, x)
-    ctx.kernel_size, ctx.dilation = kernel_size, dilation
-
-
 def _scatter_grad(ctx, grad_out):
     weights, x = ctx.saved_tensors
     k, d = ctx.kernel_size, ctx.dilation
@@ -726,7 +721,7 @@ def _scatter_grad(ctx, grad_out):
     return grad_weights, grad_x, None, None
 
 
-_scatter_op.register_autograd(_scatter_grad, setup_context=_scatter_setup_context)
+_scatter_op.register_autograd(_scatter_grad, setup_context=_pair_setup_context)
 
 
 # ----------------------------------------------------------------------------------------------
