@@ -71,3 +71,40 @@ def test_missing_data_root_is_a_clear_error(tmp_path):
 def test_resume_without_checkpoint_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match='no checkpoint to resume from'):
         _train(tmp_path, resume='last')
+
+
+def _zoo(*args):
+    return subprocess.run([sys.executable, '-m', 'zoo.cli', *args], capture_output=True, text=True, timeout=300)
+
+
+def test_predict_names_the_classes_of_a_trained_run(tmp_path):
+    from PIL import Image
+
+    from zoo.data.shapes import SHAPE_CLASSES, ShapesConfig, render_sample
+    _train(tmp_path / 'run')
+    image = tmp_path / 'shape.png'
+    Image.fromarray(render_sample(ShapesConfig(num_samples=1, img_size=32), 0).image).save(image)
+    result = _zoo('predict', str(image), '--checkpoint', str(tmp_path / 'run' / 'model'), '--top-k', '3')
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0] == str(image) and len(lines) == 4
+    assert all(line.split()[-1] in SHAPE_CLASSES for line in lines[1:])
+    broken = tmp_path / 'broken.png'
+    broken.write_bytes(b'no image here')
+    result = _zoo('predict', str(broken), '--checkpoint', str(tmp_path / 'run' / 'model'))
+    assert result.returncode == 2 and 'cannot read image' in result.stderr
+
+
+def test_convert_official_checkpoint_and_refuse_another_architecture(tmp_path):
+    torch.manual_seed(0)
+    official = timm.create_model('nat_mini').eval()
+    torch.save(official.state_dict(), tmp_path / 'nat_mini.pth')
+    result = _zoo('convert', str(tmp_path / 'nat_mini.pth'), str(tmp_path / 'converted'), '--model', 'nat_mini')
+    assert result.returncode == 0, result.stderr
+    converted = timm.create_model(f'local-dir:{tmp_path / "converted"}', pretrained=True).eval()
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(converted(x), official(x), rtol=0, atol=0)
+    result = _zoo('convert', str(tmp_path / 'nat_mini.pth'), str(tmp_path / 'wrong'), '--model', 'dinat_s_tiny')
+    assert result.returncode == 2 and 'does not match dinat_s_tiny' in result.stderr
+    assert 'Missing key(s)' in result.stderr and not (tmp_path / 'wrong' / 'model.safetensors').exists()

@@ -1,4 +1,4 @@
-"""The `zoo` command: list, train, eval, bench."""
+"""The `zoo` command: list, train, eval, predict, convert, bench."""
 import argparse
 import json
 import sys
@@ -103,6 +103,36 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_predict(args: argparse.Namespace) -> int:
+    from zoo.tasks.classification import predict
+    model = _load_for_eval(args)
+    for path, top in zip(args.images, predict(model, args.images, args.top_k)):
+        print(path)
+        for label, prob in top:
+            print(f'  {prob:7.2%}  {label}')
+    return 0
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    """Official (or any) checkpoint file -> OUT/model.safetensors + OUT/config.json, refusing mismatched keys."""
+    source = Path(args.input)
+    if not source.is_file():
+        raise ValueError(f'checkpoint not found: {source}')
+    kwargs = {} if args.num_classes is None else dict(num_classes=args.num_classes)
+    try:
+        model = timm.create_model(args.model, pretrained=True, pretrained_cfg_overlay=dict(file=str(source), **kwargs),
+                                  **kwargs)
+    except RuntimeError as err:
+        if 'Error(s) in loading state_dict' not in str(err):
+            raise
+        raise ValueError(f'{source} does not match {args.model}: {err}') from None
+    timm.models.save_for_hf(model, args.output, safe_serialization=True)
+    print(f'wrote {Path(args.output) / "model.safetensors"} and config.json ({args.model}, '
+          f'{sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters); load with '
+          f'timm.create_model("local-dir:{args.output}", pretrained=True) after `import zoo`')
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog='zoo', description='attention-zoo: attention-era vision backbones')
     sub = parser.add_subparsers(dest='command', required=True)
@@ -132,6 +162,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--workers', type=int, default=2)
     p.add_argument('--json', default=None, help='also write the metrics to this file')
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser('predict', help='top-5 labels of image files')
+    p.add_argument('images', nargs='+', help='image files')
+    p.add_argument('--model', default=None, help='registered model name (not needed for a model folder)')
+    p.add_argument('--checkpoint', default=None, help='weights file or a model folder written by zoo train/convert')
+    p.add_argument('--num-classes', type=int, default=None)
+    p.add_argument('--top-k', type=int, default=5)
+    p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser('convert', help='checkpoint file -> safetensors + config.json (timm local-dir folder)')
+    p.add_argument('input', help='checkpoint file (official .pth, a training checkpoint, safetensors)')
+    p.add_argument('output', help='output folder')
+    p.add_argument('--model', required=True, help='registered model name the checkpoint belongs to')
+    p.add_argument('--num-classes', type=int, default=None)
+    p.set_defaults(func=cmd_convert)
 
     p = sub.add_parser('bench', help='throughput, peak memory, params and MACs vs a timm baseline')
     p.add_argument('--model', nargs='+', required=True, help='models to measure')

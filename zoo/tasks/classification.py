@@ -24,8 +24,8 @@ from zoo.data.shapes import ShapesClassification
 from zoo.recipes import Recipe
 from zoo.tasks.engine import build_trainer, check_finite_loss, prepare_run_dir, write_metrics
 
-__all__ = ['ClassificationModule', 'build_model', 'data_config', 'build_datasets', 'train', 'evaluate',
-           'skip_unreadable_collate']
+__all__ = ['ClassificationModule', 'build_model', 'data_config', 'build_datasets', 'train', 'evaluate', 'predict',
+           'export_model', 'skip_unreadable_collate']
 
 
 def skip_unreadable_collate(batch):
@@ -206,11 +206,11 @@ def _loader(dataset: Dataset, recipe: Recipe, train: bool) -> DataLoader:
                       pin_memory=torch.cuda.is_available())
 
 
-def export_model(model: nn.Module, config: Dict, folder: Path) -> Path:
+def export_model(model: nn.Module, config: Dict, folder: Path, label_names=None) -> Path:
     """Final weights in timm's local-dir format (model.safetensors + config.json with the data config)."""
     model.pretrained_cfg = dict(model.pretrained_cfg, **{k: config[k] for k in
                                                            ('input_size', 'interpolation', 'mean', 'std', 'crop_pct')},
-                                num_classes=model.num_classes)
+                                num_classes=model.num_classes, label_names=list(label_names or []) or None)
     timm.models.save_for_hf(model, str(folder), safe_serialization=True)
     return folder
 
@@ -237,7 +237,7 @@ def train(recipe: Recipe, output: str, resume: Optional[str] = None) -> Dict[str
                'epochs': trainer.current_epoch, 'seconds': round(module.fit_seconds, 1),
                'skipped_images': module.skipped_images}
     if trainer.is_global_zero:
-        export_model(module._eval_model(), config, out / 'model')
+        export_model(module._eval_model(), config, out / 'model', getattr(train_set, 'classes', None))
         write_metrics(out, metrics)
     return metrics
 
@@ -261,6 +261,30 @@ def evaluate(model: nn.Module, dataset: Dataset, batch_size: int = 128, workers:
         raise ValueError('no readable images to evaluate')
     return {'top1': 100 * correct1 / count, 'top5': 100 * correct5 / count, 'images': count,
             'skipped_images': skipped}
+
+
+def predict(model: nn.Module, images, top_k: int = 5):
+    """Top-k (label, probability) per image file; labels from the model's cfg, ImageNet names, or indices."""
+    from PIL import Image
+    from timm.data import ImageNetInfo
+    names = model.pretrained_cfg.get('label_names')
+    if not names and model.num_classes == 1000:
+        info = ImageNetInfo()
+        names = [info.index_to_description(i) for i in range(1000)]
+    transform = eval_transform(model)
+    model.eval()
+    results = []
+    for path in images:
+        try:
+            with Image.open(path) as image:
+                batch = transform(image.convert('RGB'))[None]
+        except (OSError, ValueError) as err:
+            raise ValueError(f'cannot read image {path}: {err}') from None
+        with torch.no_grad():
+            probs = model(batch).softmax(-1)[0]
+        values, indices = probs.topk(min(top_k, model.num_classes))
+        results.append([(names[i] if names else str(i), float(p)) for p, i in zip(values, indices.tolist())])
+    return results
 
 
 def eval_transform(model: nn.Module):
