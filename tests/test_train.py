@@ -108,3 +108,19 @@ def test_convert_official_checkpoint_and_refuse_another_architecture(tmp_path):
     result = _zoo('convert', str(tmp_path / 'nat_mini.pth'), str(tmp_path / 'wrong'), '--model', 'dinat_s_tiny')
     assert result.returncode == 2 and 'does not match dinat_s_tiny' in result.stderr
     assert 'Missing key(s)' in result.stderr and not (tmp_path / 'wrong' / 'model.safetensors').exists()
+
+
+def test_two_process_ddp_on_cpu(tmp_path):
+    """gloo DDP through the real launcher: steps split across ranks, metrics reduced over both halves of val."""
+    run = tmp_path / 'ddp'
+    result = _zoo('train', str(QUICKSTART), '--output', str(run), *[a for kv in TINY_RUN for a in ('--set', kv)],
+                  '--set', 'data.batch_size=8', '--set', 'data.eval_batch_size=10', '--set', 'trainer.devices=2',
+                  '--set', 'trainer.strategy=ddp', '--set', 'trainer.accelerator=cpu')
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count('run folder:') == 1
+    assert torch.load(run / 'checkpoints' / 'last.ckpt', weights_only=False)['global_step'] == 48 // (8 * 2)
+    metrics = json.loads((run / 'metrics.json').read_text())
+    evaluated = _zoo('eval', '--checkpoint', str(run / 'model'), '--data', 'shapes', '--shapes-size', '40',
+                     '--workers', '0', '--json', str(tmp_path / 'e.json'))
+    assert evaluated.returncode == 0, evaluated.stderr
+    assert json.loads((tmp_path / 'e.json').read_text())['top1'] == pytest.approx(metrics['val_top1'], abs=1e-9)

@@ -62,8 +62,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     from zoo.tasks import classification
     output = args.output or str(Path('runs') / Path(args.recipe).stem)
     metrics = classification.train(recipe, output, resume=args.resume)
-    print(json.dumps(metrics, indent=1))
-    print(f'run folder: {output} (metrics.json, model/, checkpoints/, logs/)')
+    from lightning_fabric.utilities.rank_zero import rank_zero_only
+    if rank_zero_only.rank == 0:  # under DDP every process returns here; one report is enough
+        print(json.dumps(metrics, indent=1))
+        print(f'run folder: {output} (metrics.json, model/, checkpoints/, logs/)')
     return 0
 
 
