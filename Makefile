@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: quickstart test test-heavy bench
+.PHONY: quickstart tour test test-heavy bench
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -14,8 +14,13 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet --no-build-isolation --no-deps natten==0.21.7
 	touch $(STAMP)
 
+# trains a small NAT on the built-in shapes data, then evaluates the result (a few minutes on 2 CPU cores)
 quickstart: $(STAMP)
-	$(BIN)/python tools/quickstart.py
+	$(BIN)/zoo train recipes/classification/quickstart.yaml --output runs/quickstart
+	$(BIN)/zoo eval --checkpoint runs/quickstart/model --data shapes
+
+tour: $(STAMP)
+	$(BIN)/python tools/tour.py
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

@@ -1,4 +1,5 @@
 """Checkpoint loading on the user path (official layouts, bad files), the manifest, and the `zoo` command."""
+import hashlib
 import json
 import pickle
 import subprocess
@@ -140,3 +141,25 @@ def test_cli_bench_prints_ratios_and_writes_json(tmp_path):
 def test_cli_bench_unknown_model_is_a_clear_error():
     result = _zoo('bench', '--model', 'nat_gigantic', '--baseline', 'none')
     assert result.returncode == 2 and 'unknown model(s): nat_gigantic' in result.stderr
+
+
+@pytest.mark.parametrize('entry', load_manifest()['trained'], ids=lambda e: e['name'])
+def test_shipped_checkpoints_reproduce_their_manifest_metrics(entry, tmp_path):
+    """Every checkpoint trained here is re-evaluated with `zoo eval`; the numbers must be the recorded ones."""
+    from zoo.manifest import MANIFEST_PATH
+    folder = MANIFEST_PATH.parent / entry['path']
+    out = tmp_path / 'eval.json'
+    result = _zoo('eval', '--checkpoint', str(folder), '--data', entry['eval']['data'], '--workers', '0',
+                  '--json', str(out))
+    assert result.returncode == 0, result.stderr
+    measured = json.loads(out.read_text())
+    for key in ('top1', 'top5', 'images'):
+        assert measured[key] == entry['metrics'][key], key
+
+
+def test_manifest_lists_trained_checkpoints_with_their_recipe_and_hash():
+    from zoo.manifest import MANIFEST_PATH
+    for entry in load_manifest()['trained']:
+        weights = MANIFEST_PATH.parent / entry['path'] / 'model.safetensors'
+        assert hashlib.sha256(weights.read_bytes()).hexdigest() == entry['sha256']
+        assert (MANIFEST_PATH.parents[1] / entry['recipe']).is_file()

@@ -113,6 +113,7 @@ class ClassificationModule(pl.LightningModule):
             self.train_loss = nn.CrossEntropyLoss()
         self.top_k = min(5, num_classes)
         self.scheduler = None
+        self._scheduler_state = None  # restored by on_load_checkpoint, applied once the scheduler exists
         self.skipped_images = 0
         self.fit_seconds = 0.0
         self._val = {'correct1': 0, 'correctk': 0, 'count': 0, 'loss': 0.0}
@@ -193,7 +194,7 @@ class ClassificationModule(pl.LightningModule):
         self._scheduler_state = checkpoint.get('zoo_scheduler')
 
     def on_train_start(self):
-        if getattr(self, '_scheduler_state', None):
+        if self._scheduler_state:
             self.scheduler.load_state_dict(self._scheduler_state)
         self.scheduler.step_update(self.global_step)
 

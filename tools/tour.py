@@ -1,4 +1,4 @@
-"""Quickstart: the zoo's model table, then one model through the paths a user takes.
+"""Tour: the zoo's model table, then one model through the paths a user takes.
 
 1. every registered model with its parameter count (built on the meta device) and official top-1;
 2. dinat_mini: classify a batch, save the weights as safetensors, reload them through timm's pretrained-file
@@ -78,7 +78,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         round_trip(Path(tmp))
     operator_check()
-    print('\nquickstart finished: see README.md for training, evaluation and benchmarks')
+    print("\ntour finished: see README.md for training, evaluation and benchmarks")
 
 
 if __name__ == '__main__':
