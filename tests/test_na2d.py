@@ -201,3 +201,20 @@ def test_vitrpb_index_equals_official_flipped_query_minus_key_table():
     rel = (coords[:, :, None] - coords[:, None, :]).permute(1, 2, 0) + size - 1
     official = torch.flipud(torch.fliplr(rel[..., 0] * (2 * size - 1) + rel[..., 1]))
     assert torch.equal(GlobalAttentionRPB(8, 2, size).relative_position_index, official)
+
+
+def test_tracing_first_does_not_poison_later_eager_calls():
+    """torch.export before any eager call used to cache fake index tensors; eager results then went wrong."""
+    from zoo.layers import neighborhood as nb
+    nb._axis_tables_numpy.cache_clear()
+    torch.manual_seed(0)
+    module = NeighborhoodAttention2d(8, 2, 3, dilation=2).eval()
+    x = torch.randn(1, 9, 11, 8)
+    exported = torch.export.export(module, (x,))
+    with torch.no_grad():
+        eager = module(x)
+    qkv = module.qkv(x).reshape(1, 9, 11, 3, 2, 4).permute(3, 0, 4, 1, 2, 5)
+    attended = brute_force_na(qkv[0], qkv[1], qkv[2], 3, 2, module.rpb.detach(), scale=4 ** -0.5)
+    expected = module.proj(attended.float().permute(0, 2, 3, 1, 4).reshape(1, 9, 11, 8))
+    torch.testing.assert_close(eager, expected.detach(), rtol=0, atol=1e-5)
+    torch.testing.assert_close(exported.module()(x), eager, rtol=0, atol=1e-6)

@@ -172,7 +172,10 @@ HALF_DTYPES = [
     pytest.param(torch.bfloat16, marks=pytest.mark.skipif(
         not CUDA, reason="the Triton interpreter's tl.dot multiplies bf16 bit patterns as integers")),
 ]
-HALF_TOL = {torch.float16: dict(atol=1e-2, rtol=1e-2), torch.bfloat16: dict(atol=6e-2, rtol=6e-2)}
+# About two units in the last place of each format (fp16 eps 9.8e-4, bf16 eps 7.8e-3): outputs and gradients are
+# O(1) and the kernels accumulate in fp32, so only the final rounding (and P rounded before P @ V) remains.
+# fp16 passes at 1e-3 in the interpreter; bf16 runs on CUDA only, scaled from fp16 by the 8x coarser eps.
+HALF_TOL = {torch.float16: dict(atol=2e-3, rtol=2e-3), torch.bfloat16: dict(atol=1.6e-2, rtol=1.6e-2)}
 
 
 @pytest.mark.parametrize('dtype', HALF_DTYPES, ids=str)

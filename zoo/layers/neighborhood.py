@@ -21,6 +21,7 @@ Custom autograd functions keep backward equally lean (they save inputs, never ga
 from functools import lru_cache
 from typing import Optional, Tuple
 
+import numpy as np
 import torch
 from torch.autograd.function import once_differentiable
 
@@ -33,16 +34,28 @@ BACKENDS = ('auto', 'torch', 'triton', 'natten')
 
 
 @lru_cache(maxsize=256)
-def _axis_tables(length: int, kernel_size: int, dilation: int, device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Key and bias indices along one axis, each (length, kernel_size) int64."""
-    pos = torch.arange(length)
+def _axis_tables_numpy(length: int, kernel_size: int, dilation: int) -> Tuple[np.ndarray, np.ndarray]:
+    """Key and bias indices along one axis, each (length, kernel_size) int64, as read-only numpy arrays.
+
+    Cached as numpy, not as tensors: a tensor made while torch.export / torch.compile trace would be a fake
+    tensor, and caching it would poison every later eager call.
+    """
+    pos = np.arange(length)
     group = pos % dilation
     in_group = pos // dilation
     group_len = (length - group + dilation - 1) // dilation
-    start = torch.minimum((in_group - kernel_size // 2).clamp(min=0), group_len - kernel_size)
-    keys = group[:, None] + dilation * (start[:, None] + torch.arange(kernel_size))
+    start = np.minimum(np.maximum(in_group - kernel_size // 2, 0), group_len - kernel_size)
+    keys = group[:, None] + dilation * (start[:, None] + np.arange(kernel_size))
     bias = (keys - pos[:, None]) // dilation + kernel_size - 1
-    return keys.to(device), bias.to(device)
+    keys.flags.writeable = bias.flags.writeable = False
+    return keys, bias
+
+
+def _axis_tables(length: int, kernel_size: int, dilation: int, device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:
+    """`_axis_tables_numpy` as fresh int64 tensors on `device`."""
+    keys, bias = _axis_tables_numpy(length, kernel_size, dilation)
+    return (torch.tensor(keys, dtype=torch.int64, device=device),
+            torch.tensor(bias, dtype=torch.int64, device=device))
 
 
 def neighborhood_indices(length: int, kernel_size: int, dilation: int = 1,
