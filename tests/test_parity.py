@@ -16,9 +16,10 @@ from safetensors.torch import load_file
 
 import zoo  # noqa: F401  (registers the models)
 from conftest import fixtures_path, fixtures_root
+from tiny_configs import PARITY_FOLDERS
 
-# Families whose models exist in the zoo; a family is added here by the issue that implements it.
-FAMILIES = ['nat', 'dinat']
+# Fixture folders of the families that exist in the zoo (each family's tests/families file names its own).
+FAMILIES = PARITY_FOLDERS
 
 
 def _fixture_files(pattern: str):

@@ -1,40 +1,39 @@
-"""Small constructor overrides per model family, so contract tests run every registered name on a CPU.
+"""Per-family test facts, gathered from tests/families/<family>.py (one file per zoo/models family).
 
-They keep each model's structural choices (layer scale, stem, downsampler, dilated layers) and shrink widths
-and depths. A family is matched by glob on the model name; the first matching pattern wins.
+Each family file defines TINY (glob -> small constructor overrides that keep the model's structural choices),
+REPRESENTATIVES (models that also run the expensive checks), EXCEPTIONS ({(glob, check): reason} for checks the
+family cannot pass by design) and PARITY_FOLDERS (fixture folders it must reproduce).
 """
 import fnmatch
+import importlib
+from pathlib import Path
 from typing import Dict, List, Tuple
 
 import zoo
+from zoo.models import FAMILY_MODULES
 
-_NAT = dict(embed_dim=16, depths=(1, 1, 2, 1), num_heads=(1, 2, 2, 4), kernel_size=3)
-_DINAT = dict(_NAT, dilations=((1,), (2,), (1, 2), (1,)))
-_DINAT_S = dict(embed_dim=16, depths=(1, 1, 2, 1), num_heads=(1, 2, 2, 4), kernel_size=3,
-                dilations=((2,), (1,), (1, 2), (1,)))
-_ISOTROPIC = dict(embed_dim=32, depth=3, num_heads=2, kernel_size=3)
+_FAMILY_DIR = Path(__file__).resolve().parent / 'families'
 
-TINY: List[Tuple[str, Dict]] = [
-    ('nat_isotropic_*', _ISOTROPIC),
-    ('dinat_isotropic_*', _ISOTROPIC),
-    ('vitrpb_*', dict(embed_dim=32, depth=3, num_heads=2)),
-    ('dinat_s_*', _DINAT_S),
-    ('dinat_*', _DINAT),
-    ('nat_*', _NAT),
-]
 
-# One model per family for the expensive checks (torch.export).
-FAMILY_REPRESENTATIVES = ['nat_mini', 'dinat_s_tiny', 'dinat_isotropic_small', 'vitrpb_small']
+def _family_facts(module: str):
+    if not (_FAMILY_DIR / f'{module}.py').is_file():
+        raise FileNotFoundError(f'zoo/models/{module}.py has no tests/families/{module}.py with its test facts')
+    return importlib.import_module(f'families.{module}')
 
-# Checks a family cannot pass by design, declared once with the reason: {(family glob, check): reason}.
-EXPECTED_EXCEPTIONS: Dict[Tuple[str, str], str] = {}
+
+_FAMILIES = [_family_facts(module) for module in FAMILY_MODULES]
+
+TINY: List[Tuple[str, Dict]] = [entry for family in _FAMILIES for entry in family.TINY]
+FAMILY_REPRESENTATIVES: List[str] = [name for family in _FAMILIES for name in family.REPRESENTATIVES]
+EXPECTED_EXCEPTIONS: Dict[Tuple[str, str], str] = {k: v for family in _FAMILIES for k, v in family.EXCEPTIONS.items()}
+PARITY_FOLDERS: List[str] = [folder for family in _FAMILIES for folder in family.PARITY_FOLDERS]
 
 
 def tiny_kwargs(name: str) -> Dict:
     for pattern, kwargs in TINY:
         if fnmatch.fnmatch(name, pattern):
             return dict(kwargs)
-    raise KeyError(f'no tiny config for {name}: add one to tests/tiny_configs.py')
+    raise KeyError(f'no tiny config for {name}: add one to its tests/families/<family>.py')
 
 
 def exception_for(name: str, check: str):

@@ -1,13 +1,20 @@
-"""Model families, one module per family; importing this package registers every model with timm."""
+"""Model families, one module per family; importing this package registers every model with timm.
+
+Every public module in this folder is a family and is imported here, so adding a family is adding its file.
+timm records a model's module as the last component of its file name, so a family file must not share its
+name with one of timm's own model modules.
+"""
 import fnmatch
+import importlib
+import pkgutil
 from typing import List
 
 import timm
 
-from . import nat
+FAMILY_MODULES = tuple(sorted(info.name for info in pkgutil.iter_modules(__path__) if not info.name.startswith('_')))
 
-# timm records a model's module as the last component of its file name; these are the zoo's.
-FAMILY_MODULES = ('nat',)
+for _module in FAMILY_MODULES:
+    importlib.import_module(f'{__name__}.{_module}')
 
 
 def list_models(pattern: str = '*') -> List[str]:
