@@ -9,6 +9,7 @@ from safetensors.torch import load_file
 
 from conftest import fixtures_path, fixtures_root
 from zoo.layers import na2d_av, na2d_qk, neighborhood_attention_2d, neighborhood_indices
+from zoo.layers.kernels import pick_backend
 from zoo.layers.neighborhood_attn import NeighborhoodAttention2d
 from zoo.models.nat import GlobalAttentionRPB
 
@@ -72,11 +73,12 @@ SHAPES = [  # (H, W, kernel, dilation)
 
 @pytest.mark.parametrize('height,width,kernel_size,dilation', SHAPES)
 @pytest.mark.parametrize('with_rpb', [True, False])
-def test_matches_brute_force(height, width, kernel_size, dilation, with_rpb):
+@pytest.mark.parametrize('backend', ['torch', 'dense'])
+def test_matches_brute_force(height, width, kernel_size, dilation, with_rpb, backend):
     gen = torch.Generator().manual_seed(height * 100 + width * 10 + kernel_size + dilation)
     q, k, v = (torch.randn(2, 3, height, width, 8, generator=gen) for _ in range(3))
     rpb = torch.randn(3, 2 * kernel_size - 1, 2 * kernel_size - 1, generator=gen) if with_rpb else None
-    out = neighborhood_attention_2d(q, k, v, kernel_size, dilation, rpb, scale=0.4, backend='torch')
+    out = neighborhood_attention_2d(q, k, v, kernel_size, dilation, rpb, scale=0.4, backend=backend)
     expected = brute_force_na(q, k, v, kernel_size, dilation, rpb, scale=0.4)
     torch.testing.assert_close(out.double(), expected, rtol=0, atol=2e-6)
 
@@ -90,15 +92,34 @@ def test_window_equal_to_map_is_full_attention_with_bias():
 
 
 @pytest.mark.parametrize('height,width,kernel_size,dilation', [(5, 6, 3, 1), (7, 6, 3, 2), (5, 5, 5, 1)])
-def test_gradcheck_fused(height, width, kernel_size, dilation):
+@pytest.mark.parametrize('backend', ['torch', 'dense'])
+def test_gradcheck_fused(height, width, kernel_size, dilation, backend):
     gen = torch.Generator().manual_seed(0)
     args = [torch.randn(2, 2, height, width, 3, generator=gen, dtype=torch.float64, requires_grad=True)
             for _ in range(3)]
     rpb = torch.randn(2, 2 * kernel_size - 1, 2 * kernel_size - 1, generator=gen, dtype=torch.float64,
                       requires_grad=True)
     assert torch.autograd.gradcheck(
-        lambda q, k, v, b: neighborhood_attention_2d(q, k, v, kernel_size, dilation, b, backend='torch'),
+        lambda q, k, v, b: neighborhood_attention_2d(q, k, v, kernel_size, dilation, b, backend=backend),
         (*args, rpb))
+
+
+def test_auto_picks_dense_only_for_small_maps_on_cpu():
+    small, large = torch.empty(2, 2, 16, 16, 8), torch.empty(2, 2, 40, 40, 8)
+    assert pick_backend(small, has_rpb=True, fused=True) == 'dense'
+    assert pick_backend(small, has_rpb=True, fused=False) == 'torch'
+    assert pick_backend(large, has_rpb=True, fused=True) == 'torch'
+    assert pick_backend(torch.empty(4096, 4, 16, 16, 8), has_rpb=True, fused=True) == 'torch'
+
+
+@pytest.mark.parametrize('dtype', [torch.bfloat16, torch.float16])
+def test_dense_half_precision_matches_reference(dtype):
+    q, k, v = (torch.randn(2, 2, 11, 12, 16).to(dtype) for _ in range(3))
+    rpb = torch.randn(2, 9, 9).to(dtype)
+    dense = neighborhood_attention_2d(q, k, v, 5, 2, rpb, backend='dense')
+    ref = neighborhood_attention_2d(q, k, v, 5, 2, rpb, backend='torch')
+    assert dense.dtype == dtype
+    torch.testing.assert_close(dense.float(), ref.float(), rtol=0, atol=0.02)
 
 
 def test_gradcheck_halves():

@@ -26,11 +26,11 @@ import torch
 from torch.autograd.function import once_differentiable
 
 __all__ = [
-    'neighborhood_attention_2d', 'na2d_qk', 'na2d_av', 'neighborhood_indices', 'check_window_fits',
+    'neighborhood_attention_2d', 'na2d_qk', 'na2d_av', 'na2d_rpb', 'neighborhood_indices', 'check_window_fits',
     'BACKENDS',
 ]
 
-BACKENDS = ('auto', 'torch', 'triton', 'natten')
+BACKENDS = ('auto', 'torch', 'dense', 'triton', 'natten')
 
 
 @lru_cache(maxsize=256)
@@ -186,6 +186,20 @@ def _bias_scatter(grad: torch.Tensor, row_bias: torch.Tensor, col_bias: torch.Te
     return out.view(heads, span, span)
 
 
+def na2d_rpb(rpb: torch.Tensor, height: int, width: int, kernel_size: int, dilation: int = 1) -> torch.Tensor:
+    """The relative position bias of every query's window slots, as na2d_qk adds it (differentiable in rpb).
+
+    For weights made by something other than q.k (OverLoCK's ContMix dynamic kernels) that still use NATTEN's
+    bias table. rpb (heads, 2k-1, 2k-1) -> (heads, H, W, k*k), neighbour order t_row * k + t_col.
+    """
+    check_window_fits(height, width, kernel_size, dilation)
+    if rpb.dim() != 3 or tuple(rpb.shape[1:]) != (2 * kernel_size - 1, 2 * kernel_size - 1):
+        raise ValueError(f'rpb must have shape (heads, 2k-1, 2k-1) with k = {kernel_size}, got {tuple(rpb.shape)}')
+    _, row_bias = _axis_tables(height, kernel_size, dilation, rpb.device)
+    _, col_bias = _axis_tables(width, kernel_size, dilation, rpb.device)
+    return _bias_gather(rpb, row_bias, col_bias).flatten(-2)
+
+
 class _NeighborhoodQK(torch.autograd.Function):
     @staticmethod
     def forward(ctx, query, key, rpb, kernel_size, dilation):
@@ -264,8 +278,8 @@ def na2d_qk(query: torch.Tensor, key: torch.Tensor, kernel_size: int, dilation: 
     if backend == 'triton':
         from .kernels import na2d_triton
         return na2d_triton.na2d_qk(query, key, kernel_size, dilation, rpb)
-    if backend == 'natten':
-        raise ValueError("backend 'natten' only runs the fused neighborhood_attention_2d, not na2d_qk")
+    if backend in ('natten', 'dense'):
+        raise ValueError(f"backend {backend!r} only runs the fused neighborhood_attention_2d, not na2d_qk")
     return _NeighborhoodQK.apply(query.contiguous(), key.contiguous(), rpb, kernel_size, dilation)
 
 
@@ -287,8 +301,8 @@ def na2d_av(attn: torch.Tensor, value: torch.Tensor, kernel_size: int, dilation:
     if backend == 'triton':
         from .kernels import na2d_triton
         return na2d_triton.na2d_av(attn, value, kernel_size, dilation)
-    if backend == 'natten':
-        raise ValueError("backend 'natten' only runs the fused neighborhood_attention_2d, not na2d_av")
+    if backend in ('natten', 'dense'):
+        raise ValueError(f"backend {backend!r} only runs the fused neighborhood_attention_2d, not na2d_av")
     return _NeighborhoodAV.apply(attn.contiguous(), value.contiguous(), kernel_size, dilation)
 
 
@@ -303,7 +317,8 @@ def neighborhood_attention_2d(query: torch.Tensor, key: torch.Tensor, value: tor
         dilation: dilation d >= 1.
         rpb: optional (heads, 2k-1, 2k-1) relative position bias, added after scaling.
         scale: multiplies q.k only; default head_dim ** -0.5.
-        backend: 'auto' (fused kernel where verified, else the reference) | 'torch' | 'triton' | 'natten'.
+        backend: 'auto' (fused kernel where verified, dense attention for small maps on CPU, else the
+            reference) | 'torch' | 'dense' | 'triton' | 'natten'.
 
     Returns:
         (B, heads, H, W, head_dim).
@@ -321,5 +336,8 @@ def neighborhood_attention_2d(query: torch.Tensor, key: torch.Tensor, value: tor
     if backend == 'natten':
         from .kernels import natten_backend
         return natten_backend.neighborhood_attention_2d(query, key, value, kernel_size, dilation, rpb, scale)
+    if backend == 'dense':
+        from .kernels import na2d_dense
+        return na2d_dense.neighborhood_attention_2d(query, key, value, kernel_size, dilation, rpb, scale)
     logits = _NeighborhoodQK.apply((query * scale).contiguous(), key.contiguous(), rpb, kernel_size, dilation)
     return _NeighborhoodAV.apply(logits.softmax(dim=-1), value.contiguous(), kernel_size, dilation)

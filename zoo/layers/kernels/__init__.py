@@ -1,4 +1,4 @@
-"""Fused GPU kernels for zoo.layers operators and the rule that picks a backend.
+"""Fused kernels for zoo.layers operators and the rule that picks a backend.
 
 Every kernel here has a plain-PyTorch reference twin in zoo.layers; `backend="auto"` only picks a
 kernel on CUDA once a real-GPU check of it is recorded in benchmarks/RESULTS.md (listed in
@@ -23,9 +23,13 @@ def natten_available() -> bool:
 
 
 def pick_backend(tensor: torch.Tensor, has_rpb: bool, fused: bool) -> str:
-    """Backend for backend='auto': 'triton', 'natten' or 'torch' (the reference)."""
+    """Backend for backend='auto': 'triton', 'natten', 'dense' or 'torch' (the reference).
+
+    tensor: the query, (B, heads, H, W, d).
+    """
     if tensor.device.type != 'cuda':
-        return 'torch'
+        from . import na2d_dense
+        return 'dense' if fused and na2d_dense.fits(tensor) else 'torch'
     if 'na2d' in GPU_VERIFIED:
         return 'triton'
     if fused and not has_rpb and natten_available():
