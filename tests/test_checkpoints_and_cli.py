@@ -163,3 +163,45 @@ def test_manifest_lists_trained_checkpoints_with_their_recipe_and_hash():
         weights = MANIFEST_PATH.parent / entry['path'] / 'model.safetensors'
         assert hashlib.sha256(weights.read_bytes()).hexdigest() == entry['sha256']
         assert (MANIFEST_PATH.parents[1] / entry['recipe']).is_file()
+
+
+def _listing(monkeypatch, tmp_path, official=(), trained=()):
+    """Point zoo.manifest at a manifest with these entries, written under tmp_path."""
+    import zoo.manifest as manifest
+    path = tmp_path / 'checkpoints' / 'manifest.yaml'
+    path.parent.mkdir()
+    path.write_text(json.dumps({'official': list(official), 'trained': list(trained)}))  # JSON is YAML
+    monkeypatch.setattr(manifest, 'MANIFEST_PATH', path)
+    manifest.load_manifest.cache_clear()
+    monkeypatch.setattr(manifest, 'load_manifest', lambda: json.loads(path.read_text()))
+    return path.parent
+
+
+def test_listed_official_file_with_another_hash_is_refused(monkeypatch, tmp_path, capsys):
+    from zoo.cli import main
+    model = _tiny_state()
+    good, bad = tmp_path / 'good', tmp_path / 'bad'
+    good.mkdir(), bad.mkdir()
+    torch.save(model.state_dict(), good / 'nat_mini.pth')
+    torch.save({k: v + 1 for k, v in model.state_dict().items()}, bad / 'nat_mini.pth')
+    digest = hashlib.sha256((good / 'nat_mini.pth').read_bytes()).hexdigest()
+    _listing(monkeypatch, tmp_path, official=[dict(model='nat_mini', file='nat_mini.pth', sha256=digest)])
+    zoo.manifest.verify_listed_checkpoint(good / 'nat_mini.pth')
+    with pytest.raises(zoo.manifest.ChecksumError, match=f'nat_mini.pth is listed .* sha256 {digest}, but'):
+        zoo.manifest.verify_listed_checkpoint(bad / 'nat_mini.pth')
+    args = ['convert', '--model', 'nat_mini', str(bad / 'nat_mini.pth'), str(tmp_path / 'out')]
+    assert main(args) == 2
+    assert 'not the listed checkpoint' in capsys.readouterr().err
+    assert not (tmp_path / 'out').exists()
+
+
+def test_listed_trained_folder_is_checked_by_location(monkeypatch, tmp_path):
+    root = _listing(monkeypatch, tmp_path, trained=[dict(name='mine', path='mine', sha256='0' * 64)])
+    (root / 'mine').mkdir()
+    (root / 'mine' / 'model.safetensors').write_bytes(b'not the listed weights')
+    with pytest.raises(zoo.manifest.ChecksumError, match="listed in manifest.yaml as 'mine'"):
+        zoo.manifest.verify_listed_checkpoint(root / 'mine')
+    elsewhere = tmp_path / 'copy'
+    elsewhere.mkdir()
+    (elsewhere / 'model.safetensors').write_bytes(b'unlisted')
+    zoo.manifest.verify_listed_checkpoint(elsewhere)  # unlisted files are not checked

@@ -1,9 +1,12 @@
 """`zoo train` / `zoo eval` end to end on tiny shapes runs: outputs, evaluation, resume, NaN stop."""
+import importlib.util
 import json
+import math
 import subprocess
 import sys
 
 import pytest
+import pytorch_lightning as pl
 import timm
 import torch
 from safetensors.torch import load_file
@@ -124,3 +127,73 @@ def test_two_process_ddp_on_cpu(tmp_path):
                      '--workers', '0', '--json', str(tmp_path / 'e.json'))
     assert evaluated.returncode == 0, evaluated.stderr
     assert json.loads((tmp_path / 'e.json').read_text())['top1'] == pytest.approx(metrics['val_top1'], abs=1e-9)
+
+
+class _Killed(Exception):
+    pass
+
+
+def _kill_before_batch(index: int):
+    """A callback that stops training abruptly before training batch `index` (0-based) of the first epoch."""
+    class Kill(pl.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            if batch_idx == index:
+                raise _Killed(f'killed before batch {index}')
+    return Kill()
+
+
+def test_resume_mid_epoch_continues_at_the_data_position(tmp_path, monkeypatch):
+    """A run killed mid-epoch and resumed ends with exactly the weights of a run that was never interrupted:
+    the sampler position, optimizer and scheduler all come back (augmentation off, so only they matter)."""
+    deterministic = ['data.train_size=96', 'schedule.epochs=2', 'trainer.checkpoint_every_steps=2', 'aug.hflip=0',
+                     'aug.scale=[1.0,1.0]', 'aug.train_interpolation=bilinear']
+    _train(tmp_path / 'whole', *deterministic)
+    build = classification.build_trainer
+    monkeypatch.setattr(classification, 'build_trainer',
+                        lambda *a, **k: build(*a, extra_callbacks=[_kill_before_batch(3)], **k))
+    with pytest.raises(_Killed):
+        _train(tmp_path / 'killed', *deterministic)
+    monkeypatch.setattr(classification, 'build_trainer', build)
+    state = torch.load(tmp_path / 'killed' / 'checkpoints' / 'last.ckpt', weights_only=True)
+    assert state['global_step'] == 2  # the checkpoint is mid-epoch (6 batches per epoch)
+    _train(tmp_path / 'killed', *deterministic, resume='last')
+    whole = load_file(str(tmp_path / 'whole' / 'model' / 'model.safetensors'))
+    resumed = load_file(str(tmp_path / 'killed' / 'model' / 'model.safetensors'))
+    assert whole.keys() == resumed.keys()
+    for key in whole:
+        torch.testing.assert_close(resumed[key], whole[key], rtol=0, atol=1e-6, msg=key)
+
+
+@pytest.mark.parametrize('name,expected', [('adamw', 'AdamW'), ('sgd', 'SGD'), ('lamb', 'Lamb')])
+def test_recipe_optimizers_with_layer_decay(name, expected):
+    """optim.name picks timm's optimizer; layer_decay scales each layer group's lr by decay ** depth-from-top."""
+    recipe = load_recipe(QUICKSTART, [*TINY_RUN, f'optim.name={name}', 'optim.layer_decay=0.5', 'optim.lr=0.01'])
+    module = classification.ClassificationModule(recipe, num_classes=10, updates_per_epoch=3)
+    optimizer = module.configure_optimizers()
+    assert type(optimizer).__name__ == expected
+    scales = sorted({group['lr_scale'] for group in optimizer.param_groups})
+    assert len(scales) > 2 and scales[-1] == 1.0
+    assert all(scale == pytest.approx(0.5 ** round(math.log(scale, 0.5))) for scale in scales)
+    head = {id(p) for p in module.model.get_classifier().parameters()}
+    exempt = {id(p) for n, p in module.model.named_parameters()
+              if p.dim() <= 1 or any(n.endswith(k) for k in module.model.no_weight_decay())}
+    for group in optimizer.param_groups:
+        if head & {id(p) for p in group['params']}:
+            assert group['lr_scale'] == 1.0
+        if group['weight_decay'] == 0.0:  # norms, biases and what the model exempts (position biases)
+            assert {id(p) for p in group['params']} <= exempt
+
+
+def test_wandb_logs_offline_into_the_run_folder(tmp_path):
+    pytest.importorskip('wandb', reason="the wandb extra is not installed (pip install 'attention-zoo[wandb]')")
+    _train(tmp_path, 'logging.wandb=true')
+    runs = list((tmp_path / 'logs' / 'wandb').glob('offline-run-*'))
+    assert len(runs) == 1 and any(runs[0].glob('*.wandb'))
+
+
+def test_wandb_without_the_package_is_a_clear_error(tmp_path, monkeypatch):
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, 'find_spec', lambda name, *a: None if name == 'wandb' else real_find_spec(name, *a))
+    with pytest.raises(ValueError, match=r"wandb is not installed: pip install 'attention-zoo\[wandb\]'"):
+        _train(tmp_path, 'logging.wandb=true')
+    assert not (tmp_path / 'checkpoints' / 'last.ckpt').exists()  # refused before any training

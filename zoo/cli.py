@@ -10,7 +10,7 @@ import torch
 
 import zoo
 from zoo import bench
-from zoo.manifest import official_entry
+from zoo.manifest import official_entry, verify_listed_checkpoint
 
 
 def _params_m(name: str) -> float:
@@ -73,6 +73,8 @@ def _load_for_eval(args: argparse.Namespace):
     checkpoint = Path(args.checkpoint) if args.checkpoint else None
     if checkpoint is not None and not checkpoint.exists():
         raise ValueError(f'checkpoint not found: {checkpoint}')
+    if checkpoint is not None:
+        verify_listed_checkpoint(checkpoint)
     if checkpoint is not None and checkpoint.is_dir():
         return timm.create_model(f'local-dir:{checkpoint}', pretrained=True)
     if not args.model:
@@ -120,6 +122,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
     source = Path(args.input)
     if not source.is_file():
         raise ValueError(f'checkpoint not found: {source}')
+    verify_listed_checkpoint(source)
     kwargs = {} if args.num_classes is None else dict(num_classes=args.num_classes)
     try:
         model = timm.create_model(args.model, pretrained=True, pretrained_cfg_overlay=dict(file=str(source), **kwargs),

@@ -17,10 +17,12 @@ from timm.optim import create_optimizer_v2
 from timm.scheduler import create_scheduler_v2
 from timm.utils import ModelEmaV3
 from torch.utils.data import DataLoader, Dataset, default_collate
+from torchdata.stateful_dataloader import StatefulDataLoader
 
 import zoo  # noqa: F401  (registers the zoo's models)
 from zoo.data.folder import UNREADABLE, SafeImageFolder
 from zoo.data.shapes import ShapesClassification
+from zoo.manifest import verify_listed_checkpoint
 from zoo.recipes import Recipe
 from zoo.tasks.engine import build_trainer, check_finite_loss, prepare_run_dir, write_metrics
 
@@ -41,6 +43,7 @@ def build_model(recipe: Recipe, num_classes: int) -> nn.Module:
     """The recipe's model with `num_classes` outputs, from its checkpoint when one is given."""
     kwargs = dict(recipe.model.kwargs, num_classes=num_classes)
     if recipe.model.checkpoint:
+        verify_listed_checkpoint(recipe.model.checkpoint)
         # the pretrained-file path runs the family's checkpoint_filter_fn and drops a head of another size
         kwargs.update(pretrained=True, pretrained_cfg_overlay=dict(file=recipe.model.checkpoint))
     model = timm.create_model(recipe.model.name, **kwargs)
@@ -200,11 +203,14 @@ class ClassificationModule(pl.LightningModule):
 
 
 def _loader(dataset: Dataset, recipe: Recipe, train: bool) -> DataLoader:
+    """The training loader is stateful (its sampler position goes into every checkpoint), so `--resume` from a
+    mid-epoch checkpoint continues with the next unseen batch instead of replaying the epoch."""
     d = recipe.data
     batch_size = d.batch_size if train else (d.eval_batch_size or d.batch_size)
-    return DataLoader(dataset, batch_size=batch_size, shuffle=train, num_workers=d.workers, drop_last=train,
-                      collate_fn=skip_unreadable_collate, persistent_workers=d.workers > 0,
-                      pin_memory=torch.cuda.is_available())
+    loader_class = StatefulDataLoader if train else DataLoader
+    return loader_class(dataset, batch_size=batch_size, shuffle=train, num_workers=d.workers, drop_last=train,
+                        collate_fn=skip_unreadable_collate, persistent_workers=d.workers > 0,
+                        pin_memory=torch.cuda.is_available())
 
 
 def export_model(model: nn.Module, config: Dict, folder: Path, label_names=None) -> Path:
@@ -232,7 +238,7 @@ def train(recipe: Recipe, output: str, resume: Optional[str] = None) -> Dict[str
         resume = str(out / 'checkpoints' / 'last.ckpt')
     if resume and not Path(resume).is_file():
         raise FileNotFoundError(f'no checkpoint to resume from at {resume}')
-    trainer.fit(module, train_loader, val_loader, ckpt_path=resume)
+    trainer.fit(module, train_loader, val_loader, ckpt_path=resume, weights_only=True)  # never unpickle objects
     final = trainer.validate(module, val_loader, verbose=False)[0]
     metrics = {'val_top1': final['val_top1'], 'val_top5': final['val_top5'], 'val_loss': final['val_loss'],
                'epochs': trainer.current_epoch, 'seconds': round(module.fit_seconds, 1),

@@ -8,6 +8,7 @@ Run folder layout (`--output DIR`):
     DIR/model/                      final weights as model.safetensors + config.json (timm `local-dir:` format)
     DIR/metrics.json                final validation metrics, written when the run ends
 """
+import importlib.util
 import io
 import json
 import os
@@ -82,6 +83,9 @@ def _loggers(recipe: Recipe, out: Path) -> List:
     if recipe.logging.csv:
         loggers.append(pl.loggers.CSVLogger(str(out), name='logs', version=''))
     if recipe.logging.wandb:
+        if importlib.util.find_spec('wandb') is None:
+            raise ValueError("logging.wandb is true but wandb is not installed: pip install 'attention-zoo[wandb]' "
+                             '(or set logging.wandb=false)')
         os.environ.setdefault('WANDB_MODE', recipe.logging.wandb_mode)
         loggers.append(pl.loggers.WandbLogger(project=recipe.logging.wandb_project, save_dir=str(out / 'logs'),
                                               name=out.name))
