@@ -1,4 +1,5 @@
 """timm model contract, checked for every registered zoo model (tiny configs, CPU)."""
+import fnmatch
 import subprocess
 import sys
 
@@ -78,8 +79,10 @@ def test_backward_reaches_every_parameter(request, name):
 def test_default_cfg_and_head(name):
     model = build(name).eval()
     cfg = model.pretrained_cfg
-    for field in ('url', 'license', 'paper_ids', 'origin_url', 'input_size', 'mean', 'std', 'crop_pct'):
+    for field in ('license', 'paper_ids', 'origin_url', 'input_size', 'mean', 'std', 'crop_pct'):
         assert cfg.get(field), f'{name} cfg lacks {field}'
+    # where the weights are, or (families without published weights) a tag and a note saying so
+    assert cfg.get('url') or cfg.get('hf_hub_id') or (cfg.get('tag') == 'untrained' and cfg.get('notes')), name
     state = model.state_dict()
     assert cfg['first_conv'] + '.weight' in state and cfg['classifier'] + '.weight' in state
     assert model.num_features > 0 and model.head_hidden_size > 0
@@ -155,7 +158,11 @@ def test_group_matcher_and_no_weight_decay(name):
                                             layer_decay=0.75).param_groups
     assert sum(len(g['params']) for g in groups) == len(list(model.parameters()))
     no_decay = model.no_weight_decay()
-    assert no_decay and all(n.endswith('rpb') for n in no_decay)
+    names = [n for n, _ in model.named_parameters()]
+    assert all(fnmatch.filter(names, pattern) for pattern in no_decay), 'no_weight_decay names no parameter'
+    undecayed = {id(p) for g in groups if g['weight_decay'] == 0 for p in g['params']}
+    assert all(id(p) in undecayed for n, p in model.named_parameters()
+               if any(fnmatch.fnmatch(n, pattern) for pattern in no_decay))
 
 
 @pytest.mark.parametrize('name', ALL_MODELS)
