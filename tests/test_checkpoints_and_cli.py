@@ -93,7 +93,8 @@ def test_loading_never_unpickles_objects(tmp_path):
 
 def test_manifest_entries_match_registered_cfgs():
     entries = load_manifest()['official']
-    assert {e['model'] for e in entries} == set(zoo.list_models())
+    published = {name for name in zoo.list_models() if timm.models.get_pretrained_cfg(name).tag != 'untrained'}
+    assert {e['model'] for e in entries} == published  # every model with published weights, no other
     for entry in entries:
         cfg = timm.models.get_pretrained_cfg(f'{entry["model"]}.{entry["tag"]}')
         assert cfg is not None, entry
@@ -205,3 +206,42 @@ def test_listed_trained_folder_is_checked_by_location(monkeypatch, tmp_path):
     elsewhere.mkdir()
     (elsewhere / 'model.safetensors').write_bytes(b'unlisted')
     zoo.manifest.verify_listed_checkpoint(elsewhere)  # unlisted files are not checked
+
+
+def test_convert_mha_vit_to_gqa(tmp_path):
+    """zoo convert --to-gqa: K/V heads mean-pooled in contiguous groups (checked here by a direct pooling),
+    queries, projections and the head kept; the output folder loads as the grouped-query model."""
+    torch.manual_seed(0)
+    source = timm.create_model('vit_small_patch16_224', depth=2).state_dict()
+    save_file(source, str(tmp_path / 'mha.safetensors'))
+    result = _zoo('convert', '--model', 'vit_small_patch16_224_gqa', '--to-gqa', '--kv-heads', '2',
+                  '--num-classes', '1000', str(tmp_path / 'mha.safetensors'), str(tmp_path / 'gqa'))
+    assert result.returncode != 0 and 'Missing key' in result.stderr  # depth 12 model, depth 2 file: refused
+    source = timm.create_model('vit_small_patch16_224').state_dict()
+    save_file(source, str(tmp_path / 'mha.safetensors'))
+    result = _zoo('convert', '--model', 'vit_small_patch16_224_gqa', '--to-gqa', '--kv-heads', '2',
+                  '--num-classes', '1000', str(tmp_path / 'mha.safetensors'), str(tmp_path / 'gqa'))
+    assert result.returncode == 0, result.stderr
+    model = timm.create_model(f'local-dir:{tmp_path / "gqa"}', pretrained=True)
+    state = model.state_dict()
+    dim, heads, groups = 384, 6, 2
+    qkv_w, qkv_b = source['blocks.5.attn.qkv.weight'], source['blocks.5.attn.qkv.bias']
+    pooled_k = qkv_w[dim:2 * dim].reshape(groups, heads // groups, dim // heads, dim).mean(1).reshape(-1, dim)
+    pooled_vb = qkv_b[2 * dim:].reshape(groups, heads // groups, dim // heads).mean(1).reshape(-1)
+    torch.testing.assert_close(state['blocks.5.attn.k.weight'], pooled_k)
+    torch.testing.assert_close(state['blocks.5.attn.v.bias'], pooled_vb)
+    torch.testing.assert_close(state['blocks.5.attn.q.weight'], qkv_w[:dim])
+    torch.testing.assert_close(state['head.weight'], source['head.weight'])
+    assert model.num_classes == 1000
+
+
+@pytest.mark.parametrize('args,message', [
+    (['--model', 'vit_small_patch16_224_gqa', '--to-gqa'], '--to-gqa needs --kv-heads'),
+    (['--model', 'vit_small_patch16_224_gqa', '--kv-heads', '2'], '--kv-heads only applies with --to-gqa'),
+    (['--model', 'nat_mini', '--to-gqa', '--kv-heads', '2'], 'nat_mini has no K/V heads'),
+])
+def test_convert_to_gqa_bad_arguments(tmp_path, args, message):
+    path = tmp_path / 'x.safetensors'
+    save_file({'w': torch.zeros(1)}, str(path))
+    result = _zoo('convert', *args, str(path), str(tmp_path / 'out'))
+    assert result.returncode == 2 and message in result.stderr

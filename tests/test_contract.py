@@ -89,15 +89,20 @@ def test_default_cfg_and_head(name):
     x = input_for(model, batch=1)
     with torch.no_grad():
         feats = model.forward_features(x)
-        assert feats.shape[1] == model.num_features
-        assert tuple(feats.shape[-2:]) == tuple(cfg['pool_size'])
+        # hierarchical models give an NCHW map, ViT-style ones (B, tokens, C)
+        unpooled_dims = feats.dim()
+        if unpooled_dims == 4:
+            assert feats.shape[1] == model.num_features
+            assert tuple(feats.shape[-2:]) == tuple(cfg['pool_size'])
+        else:
+            assert unpooled_dims == 3 and feats.shape[-1] == model.num_features
         assert model.forward_head(feats, pre_logits=True).shape == (1, model.head_hidden_size)
         model.reset_classifier(0)
         assert model(x).shape == (1, model.num_features)
         model.reset_classifier(0, '')
-        assert model(x).dim() == 4
+        assert model(x).dim() == unpooled_dims
         unpooled = timm.create_model(name, num_classes=0, global_pool='', **tiny_kwargs(name)).eval()
-        assert unpooled(x).dim() == 4
+        assert unpooled(x).dim() == unpooled_dims
 
 
 @pytest.mark.parametrize('name', ALL_MODELS)

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import timm
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file
 
 import zoo  # noqa: F401  (registers the models)
@@ -20,6 +21,13 @@ from tiny_configs import PARITY_FOLDERS
 
 # Fixture folders of the families that exist in the zoo (each family's tests/families file names its own).
 FAMILIES = PARITY_FOLDERS
+
+
+def _case_paths(path: Path, case: dict):
+    files = case.get('files', {})
+    state = path.parent / files.get('state', f'{path.stem}.state.safetensors')
+    io = path.parent / files.get('io', f'{path.stem}.io.safetensors')
+    return state, io
 
 
 def _fixture_files(pattern: str):
@@ -32,18 +40,23 @@ MODEL_CASES = [(f, p) for f, p in _fixture_files('*.json') if not p.name.startsw
 MANIFESTS = _fixture_files('keys_*.json')
 
 
+def _first_case_with_features_per_family():
+    """One case per fixture folder whose io file stores backbone features (`features.0`, ...)."""
+    chosen = {}
+    for family, path in MODEL_CASES:
+        state, io = _case_paths(path, json.loads(path.read_text()))
+        if family not in chosen and io.is_file():
+            with safe_open(str(io), 'pt') as f:
+                if 'features.0' in f.keys():
+                    chosen[family] = (family, path)
+    return list(chosen.values())
+
+
 def test_fixture_folders_are_present():
     """Fails under CI when the fixtures are missing; elsewhere skips with the reason."""
     root = fixtures_root()
     for family in FAMILIES:
         assert any((root / family).glob('*.json')), f'no fixtures for {family} in {root}'
-
-
-def _case_paths(path: Path, case: dict):
-    files = case.get('files', {})
-    state = path.parent / files.get('state', f'{path.stem}.state.safetensors')
-    io = path.parent / files.get('io', f'{path.stem}.io.safetensors')
-    return state, io
 
 
 @pytest.mark.parametrize('family,path', MODEL_CASES, ids=[p.stem for _, p in MODEL_CASES])
@@ -74,7 +87,10 @@ def test_official_logits(family, path):
             torch.testing.assert_close(pre, io['pre_logits'], rtol=0, atol=atol)
 
 
-@pytest.mark.parametrize('family,path', MODEL_CASES[:2], ids=[p.stem for _, p in MODEL_CASES[:2]])
+FEATURE_CASES = _first_case_with_features_per_family()
+
+
+@pytest.mark.parametrize('family,path', FEATURE_CASES, ids=[p.stem for _, p in FEATURE_CASES])
 def test_features_only_gives_official_features(family, path):
     fixtures_root()
     case = json.loads(path.read_text())

@@ -9,6 +9,7 @@ import pytest
 import pytorch_lightning as pl
 import timm
 import torch
+import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from conftest import REPO
@@ -197,3 +198,23 @@ def test_wandb_without_the_package_is_a_clear_error(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match=r"wandb is not installed: pip install 'attention-zoo\[wandb\]'"):
         _train(tmp_path, 'logging.wandb=true')
     assert not (tmp_path / 'checkpoints' / 'last.ckpt').exists()  # refused before any training
+
+
+def test_aux_weight_trains_the_auxiliary_head(tmp_path):
+    """loss.aux_weight: main + w * aux criterion through the model's forward_with_aux (OverLoCK's Overview head)."""
+    path = tmp_path / 'overlock_tiny.yaml'
+    path.write_text('task: classification\nsource: test\n'
+                    'model: {name: overlock_xt, depth: [1, 1, 1, 1], sub_depth: [2, 1], embed_dim: [16, 32, 48, 64], '
+                    'sub_num_heads: [2, 2], projection: 64}\n'
+                    'data: {name: shapes, img_size: 64}\nloss: {aux_weight: 0.4}\n')
+    recipe = load_recipe(path)
+    module = classification.ClassificationModule(recipe, num_classes=10, updates_per_epoch=1)
+    images, labels = torch.randn(2, 3, 64, 64), torch.tensor([1, 7])
+    loss = module._training_loss(images, labels)
+    logits, aux = module.model.forward_with_aux(images)
+    expected = F.cross_entropy(logits, labels) + 0.4 * F.cross_entropy(aux, labels)
+    torch.testing.assert_close(loss, expected)
+    loss.backward()
+    assert all(p.grad is not None for p in module.model.aux_head.parameters())
+    with pytest.raises(ValueError, match='nat_mini has no auxiliary head'):
+        classification.ClassificationModule(load_recipe(QUICKSTART, [*TINY_RUN, 'loss.aux_weight=0.4']), 10, 1)

@@ -117,6 +117,17 @@ def cmd_predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def _gqa_kwargs(args: argparse.Namespace) -> dict:
+    """Constructor kwargs of `zoo convert --to-gqa --kv-heads N` (the model's checkpoint filter pools the heads)."""
+    if not args.to_gqa:
+        if args.kv_heads is not None:
+            raise ValueError('--kv-heads only applies with --to-gqa')
+        return {}
+    if args.kv_heads is None or args.kv_heads < 1:
+        raise ValueError(f'--to-gqa needs --kv-heads N with N >= 1, got {args.kv_heads}')
+    return dict(num_kv_heads=args.kv_heads)
+
+
 def cmd_convert(args: argparse.Namespace) -> int:
     """Official (or any) checkpoint file -> OUT/model.safetensors + OUT/config.json, refusing mismatched keys."""
     source = Path(args.input)
@@ -124,9 +135,15 @@ def cmd_convert(args: argparse.Namespace) -> int:
         raise ValueError(f'checkpoint not found: {source}')
     verify_listed_checkpoint(source)
     kwargs = {} if args.num_classes is None else dict(num_classes=args.num_classes)
+    model_kwargs = dict(kwargs, **_gqa_kwargs(args))
     try:
         model = timm.create_model(args.model, pretrained=True, pretrained_cfg_overlay=dict(file=str(source), **kwargs),
-                                  **kwargs)
+                                  **model_kwargs)
+    except TypeError as err:
+        if 'num_kv_heads' not in str(err):
+            raise
+        raise ValueError(f'--to-gqa needs a grouped-query model such as vit_small_patch16_224_gqa; {args.model} has '
+                         f'no K/V heads to set') from None
     except RuntimeError as err:
         if 'Error(s) in loading state_dict' not in str(err):
             raise
@@ -181,6 +198,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('output', help='output folder')
     p.add_argument('--model', required=True, help='registered model name the checkpoint belongs to')
     p.add_argument('--num-classes', type=int, default=None)
+    p.add_argument('--to-gqa', action='store_true',
+                   help='convert a multi-head (MHA) ViT checkpoint into the grouped-query --model: K/V heads are '
+                        'mean-pooled in contiguous groups')
+    p.add_argument('--kv-heads', type=int, default=None, help='K/V heads of the converted model (with --to-gqa)')
     p.set_defaults(func=cmd_convert)
 
     p = sub.add_parser('bench', help='throughput, peak memory, params and MACs vs a timm baseline')

@@ -237,11 +237,11 @@ def check_model_kwargs(section: ModelSection, source: str) -> None:
                               f'{", ".join(list(_MODEL_RESERVED) + list(allowed))}')
 
 
-def _deep_merge(base: Dict, child: Dict) -> Dict:
+def deep_merge(base: Dict, child: Dict) -> Dict:
     merged = dict(base)
     for key, value in child.items():
         if isinstance(value, dict) and isinstance(merged.get(key), dict):
-            merged[key] = _deep_merge(merged[key], value)
+            merged[key] = deep_merge(merged[key], value)
         else:
             merged[key] = value
     return merged
@@ -264,7 +264,7 @@ def _read_tree(path: Path, seen: tuple = ()) -> Dict:
         return raw
     if not isinstance(base, str):
         raise RecipeError(f'{path}: `base` must be a path to another recipe, got {base!r}')
-    return _deep_merge(_read_tree((path.parent / base).resolve(), seen + (path,)), raw)
+    return deep_merge(_read_tree((path.parent / base).resolve(), seen + (path,)), raw)
 
 
 def parse_overrides(items: Sequence[str]) -> Dict:
@@ -319,7 +319,7 @@ def recipe_from_dict(tree: Dict, source: str, check_model: bool = True) -> Recip
 def load_recipe(path: Union[str, Path], overrides: Sequence[str] = (), check_model: bool = True) -> Recipe:
     """Load, merge (`base:` chain, then `--set` overrides) and validate a recipe file."""
     path = Path(path).resolve()
-    tree = _deep_merge(_read_tree(path), parse_overrides(overrides))
+    tree = deep_merge(_read_tree(path), parse_overrides(overrides))
     return recipe_from_dict(tree, str(path), check_model=check_model)
 
 

@@ -24,7 +24,9 @@ from zoo.data.folder import UNREADABLE, SafeImageFolder
 from zoo.data.shapes import ShapesClassification
 from zoo.manifest import verify_listed_checkpoint
 from zoo.recipes import Recipe
+from zoo.tasks.distill import DistillConfig, DistillLoss
 from zoo.tasks.engine import build_trainer, check_finite_loss, prepare_run_dir, write_metrics
+from zoo.tasks.phases import train_phases
 
 __all__ = ['ClassificationModule', 'build_model', 'data_config', 'build_datasets', 'train', 'evaluate', 'predict',
            'export_model', 'skip_unreadable_collate']
@@ -114,6 +116,14 @@ class ClassificationModule(pl.LightningModule):
             self.train_loss = LabelSmoothingCrossEntropy(smoothing)
         else:
             self.train_loss = nn.CrossEntropyLoss()
+        # teacher distillation (loss.distill): a frozen teacher, per-phase freezing, model-owned loss terms
+        self.distill = None
+        if recipe.loss.distill:
+            self.distill = DistillLoss(DistillConfig.from_dict(recipe.loss.distill), self.train_loss, num_classes)
+            self.distill.prepare_student(self.model)
+        if recipe.loss.aux_weight and not hasattr(self.model, 'forward_with_aux'):
+            raise ValueError(f'loss.aux_weight is set but {recipe.model.name} has no auxiliary head '
+                             f'(forward_with_aux); remove loss.aux_weight')
         self.top_k = min(5, num_classes)
         self.scheduler = None
         self._scheduler_state = None  # restored by on_load_checkpoint, applied once the scheduler exists
@@ -138,7 +148,8 @@ class ClassificationModule(pl.LightningModule):
             optimizer, sched=s.sched, num_epochs=s.epochs, warmup_epochs=s.warmup_epochs, warmup_lr=s.warmup_lr,
             min_lr=s.min_lr, cooldown_epochs=s.cooldown_epochs, decay_rate=s.decay_rate, step_on_epochs=False,
             updates_per_epoch=self.updates_per_epoch, **sched_args)
-        self.scheduler.step_update(self.global_step)
+        if self.scheduler is not None:  # sched 'none' keeps the optimizer's lr
+            self.scheduler.step_update(self.global_step)
         return optimizer
 
     def training_step(self, batch, batch_idx):
@@ -149,16 +160,28 @@ class ClassificationModule(pl.LightningModule):
         targets = labels
         if self.mixup is not None and images.shape[0] % 2 == 0:
             images, targets = self.mixup(images, labels)
-        loss = self.train_loss(self.model(images), targets)
+        loss = self._training_loss(images, targets)
         check_finite_loss(loss.detach(), self.global_step, self.current_epoch, self.run_dir)
         self.log('train_loss', loss, prog_bar=True, on_step=True, on_epoch=True)
         self.log('lr', self.trainer.optimizers[0].param_groups[0]['lr'], on_step=True, on_epoch=False)
         return loss
 
+    def _training_loss(self, images: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """The recipe's loss: distillation, main + aux_weight * auxiliary head, or the plain criterion."""
+        if self.distill is not None:
+            loss, parts = self.distill(self.model, images, targets)
+            self.log_dict({f'train_{name}': value for name, value in parts.items()}, on_step=True, on_epoch=True)
+            return loss
+        if self.recipe.loss.aux_weight:
+            logits, aux_logits = self.model.forward_with_aux(images)
+            return self.train_loss(logits, targets) + self.recipe.loss.aux_weight * self.train_loss(aux_logits, targets)
+        return self.train_loss(self.model(images), targets)
+
     def on_train_batch_end(self, outputs, batch, batch_idx):
         if self.ema is not None:
             self.ema.update(self.model, step=self.global_step)
-        self.scheduler.step_update(self.global_step)
+        if self.scheduler is not None:
+            self.scheduler.step_update(self.global_step)
 
     def _eval_model(self) -> nn.Module:
         return self.ema.module if self.ema is not None else self.model
@@ -197,6 +220,8 @@ class ClassificationModule(pl.LightningModule):
         self._scheduler_state = checkpoint.get('zoo_scheduler')
 
     def on_train_start(self):
+        if self.scheduler is None:
+            return
         if self._scheduler_state:
             self.scheduler.load_state_dict(self._scheduler_state)
         self.scheduler.step_update(self.global_step)
@@ -223,7 +248,14 @@ def export_model(model: nn.Module, config: Dict, folder: Path, label_names=None)
 
 
 def train(recipe: Recipe, output: str, resume: Optional[str] = None) -> Dict[str, float]:
-    """Train the recipe's model; writes the run folder (see zoo.tasks.engine) and returns the final metrics."""
+    """Train the recipe's model; writes the run folder (see zoo.tasks.engine) and returns the final metrics.
+
+    A recipe with `phases` runs them in order (zoo.tasks.phases), each in OUTPUT/phase{i}."""
+    if recipe.phases:
+        if resume:
+            raise ValueError('--resume is not supported for recipes with phases yet; rerun the unfinished phase '
+                             'as its own recipe')
+        return train_phases(recipe, output, train)
     out = prepare_run_dir(recipe, output)
     pl.seed_everything(recipe.trainer.seed, workers=True, verbose=False)
     probe = timm.create_model(recipe.model.name, **recipe.model.kwargs)
