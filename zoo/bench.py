@@ -18,6 +18,8 @@ import timm
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from zoo.layers.kernels import reference_only
+
 __all__ = ['BenchResult', 'count_macs', 'benchmark_models', 'format_table', 'write_json']
 
 PRECISIONS = {'fp32': None, 'bf16': torch.bfloat16, 'fp16': torch.float16}
@@ -48,7 +50,7 @@ def count_macs(model: torch.nn.Module, x: torch.Tensor) -> int:
     hooks = [module.register_forward_pre_hook(lambda mod, args: extra.append(mod.macs_not_counted(args[0])))
              for module in model.modules() if hasattr(module, 'macs_not_counted')]
     try:
-        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        with torch.no_grad(), reference_only(), FlopCounterMode(display=False) as counter:
             model(x)
     finally:
         for hook in hooks:

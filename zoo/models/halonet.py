@@ -24,12 +24,12 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import BatchNormAct2d, ClassifierHead, ConvNormAct, DropPath, calculate_drop_path_rates
-from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_cfgs, register_model
+from timm.models import checkpoint_seq, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 
 from zoo.layers.halo_attn import HaloAttention
+from zoo.models._factory import create_model, imagenet_cfg
 
 __all__ = ['HaloNet']
 
@@ -300,13 +300,7 @@ def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: nn.Module) 
 
 
 def _create(variant: str, pretrained: bool = False, **kwargs) -> HaloNet:
-    out_indices = kwargs.pop('out_indices', (0, 1, 2, 3))
-    return build_model_with_cfg(
-        HaloNet, variant, pretrained,
-        pretrained_filter_fn=checkpoint_filter_fn,
-        feature_cfg=dict(out_indices=out_indices, feature_cls='getter'),
-        **kwargs,
-    )
+    return create_model(HaloNet, variant, pretrained, checkpoint_filter_fn, (0, 1, 2, 3), **kwargs)
 
 
 _NO_WEIGHTS = ('No official HaloNet code or weights exist (paper-only; timm has only an untrained halonet_h1). '
@@ -314,18 +308,20 @@ _NO_WEIGHTS = ('No official HaloNet code or weights exist (paper-only; timm has 
 
 
 def _cfg(img_size: int, **kwargs) -> Dict:
-    return {
-        'url': '',
-        'num_classes': 1000, 'input_size': (3, img_size, img_size), 'pool_size': (img_size // 32, img_size // 32),
-        # eval crop and interpolation: timm's HaloNet defaults (the paper's were not retrieved)
-        'crop_pct': 0.95, 'interpolation': 'bicubic', 'fixed_input_size': False,
-        'mean': IMAGENET_DEFAULT_MEAN, 'std': IMAGENET_DEFAULT_STD,
-        'first_conv': 'stem.conv1.conv', 'classifier': 'head.fc',
-        'license': 'apache-2.0', 'paper_ids': 'arXiv:2103.12731',
+    # eval crop and interpolation: timm's HaloNet defaults (the paper's were not retrieved)
+    return imagenet_cfg(**{
+        'input_size': (3, img_size, img_size),
+        'pool_size': (img_size // 32, img_size // 32),
+        'crop_pct': 0.95,
+        'first_conv': 'stem.conv1.conv',
+        'classifier': 'head.fc',
+        'license': 'apache-2.0',
+        'paper_ids': 'arXiv:2103.12731',
         'paper_name': 'Scaling Local Self-Attention for Parameter Efficient Visual Backbones',
-        'origin_url': 'https://arxiv.org/abs/2103.12731', 'notes': (_NO_WEIGHTS,),
+        'origin_url': 'https://arxiv.org/abs/2103.12731',
+        'notes': (_NO_WEIGHTS,),
         **kwargs,
-    }
+    })
 
 
 # (b, h, rv, rb, l3, df, image size) per model, from the paper's table (see the module docstring).

@@ -20,10 +20,11 @@ from typing import Callable, Dict, List, Optional, Tuple, Union
 import torch
 import torch.nn as nn
 from timm.layers import DropPath, LayerNorm, Mlp, resample_abs_pos_embed
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models import generate_default_cfgs, register_model
 from timm.models.vision_transformer import VisionTransformer
 
 from zoo.layers.grouped_query_attn import ATTENTION_SCHEMES, GroupedQueryAttention, convert_mha_to_gqa
+from zoo.models._factory import create_model, imagenet_cfg
 
 __all__ = ['GQAVisionTransformer', 'GQABlock']
 
@@ -193,13 +194,8 @@ def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: GQAVisionTr
 
 def _create(variant: str, pretrained: bool = False, **kwargs) -> GQAVisionTransformer:
     # timm's ViT default (the last 3 blocks), fewer when the model is shallower
-    out_indices = kwargs.pop('out_indices', min(3, kwargs.get('depth', 12)))
-    return build_model_with_cfg(
-        GQAVisionTransformer, variant, pretrained,
-        pretrained_filter_fn=checkpoint_filter_fn,
-        feature_cfg=dict(out_indices=out_indices, feature_cls='getter'),
-        **kwargs,
-    )
+    default_out = min(3, kwargs.get('depth', 12))
+    return create_model(GQAVisionTransformer, variant, pretrained, checkpoint_filter_fn, default_out, **kwargs)
 
 
 def _cfg(timm_tag: str, **kwargs) -> Dict:
@@ -207,21 +203,27 @@ def _cfg(timm_tag: str, **kwargs) -> Dict:
 
     num_classes is the official models' 10: checkpoint_filter_fn re-initialises a head of another size.
     """
-    return {
+    return imagenet_cfg(**{
         'hf_hub_id': f'timm/{timm_tag}',
         'url': f'https://huggingface.co/timm/{timm_tag}/resolve/main/model.safetensors',
-        'num_classes': 10, 'input_size': (3, 224, 224), 'pool_size': None,
+        'num_classes': 10,
+        'pool_size': None,
         # the paper's transforms: Resize((224, 224)) without crop (torchvision default bilinear), mean/std 0.5
-        'crop_pct': 1.0, 'crop_mode': 'squash', 'interpolation': 'bilinear', 'fixed_input_size': False,
-        'mean': (0.5, 0.5, 0.5), 'std': (0.5, 0.5, 0.5),
-        'first_conv': 'patch_embed.proj', 'classifier': 'head',
-        'license': 'apache-2.0', 'origin_url': 'https://github.com/zohaib-khan5040/key-driven-gqa',
+        'crop_pct': 1.0,
+        'crop_mode': 'squash',
+        'interpolation': 'bilinear',
+        'mean': (0.5, 0.5, 0.5),
+        'std': (0.5, 0.5, 0.5),
+        'first_conv': 'patch_embed.proj',
+        'classifier': 'head',
+        'license': 'apache-2.0',
+        'origin_url': 'https://github.com/zohaib-khan5040/key-driven-gqa',
         'paper_ids': 'arXiv:2408.08454',
         'paper_name': 'Beyond Uniform Query Distribution: Key-Driven Grouped Query Attention',
         'notes': ('timm ImageNet-21k -> 1k ViT weights (Apache-2.0), K/V heads mean-pooled to num_kv_heads on load; '
                   'the paper up-trains them (no official trained checkpoints)',),
         **kwargs,
-    }
+    })
 
 
 # timm 1.0.x resolves the official `timm.create_model('vit_*_patch16_224', pretrained=True)` to these tags.

@@ -15,12 +15,12 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import DropPath, Mlp, SelectAdaptivePool2d, calculate_drop_path_rates, to_2tuple, trunc_normal_
-from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_cfgs, register_model
+from timm.models import checkpoint_seq, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 
 from zoo.layers.neighborhood_attn import NeighborhoodAttention2d
+from zoo.models._factory import create_model, imagenet_cfg
 
 __all__ = ['NAT', 'DiNATs', 'NATIsotropic']
 
@@ -575,15 +575,8 @@ def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: nn.Module) 
 
 
 def _create(model_cls: type, variant: str, pretrained: bool = False, **kwargs) -> nn.Module:
-    hierarchical = model_cls is not NATIsotropic
-    default_out = (0, 1, 2, 3) if hierarchical else 3
-    out_indices = kwargs.pop('out_indices', default_out)
-    return build_model_with_cfg(
-        model_cls, variant, pretrained,
-        pretrained_filter_fn=checkpoint_filter_fn,
-        feature_cfg=dict(out_indices=out_indices, feature_cls='getter'),
-        **kwargs,
-    )
+    default_out = 3 if model_cls is NATIsotropic else (0, 1, 2, 3)
+    return create_model(model_cls, variant, pretrained, checkpoint_filter_fn, default_out, **kwargs)
 
 
 _NAT_PAPER = dict(paper_ids='arXiv:2204.07143', paper_name='Neighborhood Attention Transformer')
@@ -593,15 +586,14 @@ _DINAT_URL = 'https://shilab.cs.uoregon.edu/projects/dinat/checkpoints/'
 
 
 def _cfg(url: str = '', **kwargs) -> Dict:
-    return {
+    return imagenet_cfg(**{
         'url': url,
-        'num_classes': 1000, 'input_size': (3, 224, 224), 'pool_size': (7, 7),
-        'crop_pct': 0.875, 'interpolation': 'bicubic', 'fixed_input_size': False,
-        'mean': IMAGENET_DEFAULT_MEAN, 'std': IMAGENET_DEFAULT_STD,
-        'first_conv': 'patch_embed.proj.0', 'classifier': 'head',
-        'license': 'mit', 'origin_url': 'https://github.com/SHI-Labs/Neighborhood-Attention-Transformer',
+        'first_conv': 'patch_embed.proj.0',
+        'classifier': 'head',
+        'license': 'mit',
+        'origin_url': 'https://github.com/SHI-Labs/Neighborhood-Attention-Transformer',
         **kwargs,
-    }
+    })
 
 
 def _dinat_cfg(url: str = '', **kwargs) -> Dict:

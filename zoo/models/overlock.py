@@ -20,13 +20,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import torch.utils.checkpoint
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import DropPath, LayerNorm2d, SelectAdaptivePool2d, calculate_drop_path_rates, trunc_normal_
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models import generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 
 from zoo.layers.contmix import (GRN, ContMix, ConvLayerScale, DilatedReparamBlock, ResDWConv, SqueezeExcite2d,
                                 fold_dilated_reparam)
+from zoo.models._factory import create_model, imagenet_cfg
 
 __all__ = ['OverLoCK']
 
@@ -487,30 +487,24 @@ def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: nn.Module) 
 
 
 def _create(variant: str, pretrained: bool = False, **kwargs) -> OverLoCK:
-    out_indices = kwargs.pop('out_indices', (0, 1, 2, 3))
-    return build_model_with_cfg(
-        OverLoCK, variant, pretrained,
-        pretrained_filter_fn=checkpoint_filter_fn,
-        feature_cfg=dict(out_indices=out_indices, feature_cls='getter'),
-        **kwargs,
-    )
+    return create_model(OverLoCK, variant, pretrained, checkpoint_filter_fn, (0, 1, 2, 3), **kwargs)
 
 
 _URL = 'https://github.com/LMMMEng/OverLoCK/releases/download/v1/'
 
 
 def _cfg(url: str = '', **kwargs) -> Dict:
-    return {
+    return imagenet_cfg(**{
         'url': url,
-        'num_classes': 1000, 'input_size': (3, 224, 224), 'pool_size': (7, 7),
-        'crop_pct': 0.95, 'interpolation': 'bicubic', 'fixed_input_size': False,
-        'mean': IMAGENET_DEFAULT_MEAN, 'std': IMAGENET_DEFAULT_STD,
-        'first_conv': 'patch_embed1.0', 'classifier': 'head.4',
-        'license': 'apache-2.0', 'origin_url': 'https://github.com/LMMMEng/OverLoCK',
+        'crop_pct': 0.95,
+        'first_conv': 'patch_embed1.0',
+        'classifier': 'head.4',
+        'license': 'apache-2.0',
+        'origin_url': 'https://github.com/LMMMEng/OverLoCK',
         'paper_ids': 'arXiv:2502.20087',
         'paper_name': 'OverLoCK: An Overview-first-Look-Closely-next ConvNet with Context-Mixing Dynamic Kernels',
         **kwargs,
-    }
+    })
 
 
 # The train-form files; the *_reparam.pth files load as well into a model built with deploy=True.

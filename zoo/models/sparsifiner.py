@@ -37,13 +37,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import torch.utils.checkpoint
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import DropPath, Mlp, PatchEmbed, calculate_drop_path_rates, to_2tuple, trunc_normal_
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models import generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 
 from zoo.layers.sparse_attn import (ConnectivityPredictor, attention_budget, connectivity_mask, connectivity_topk,
                                     dense_attention, masked_attention, topk_sparse_attention)
+from zoo.models._factory import create_model, imagenet_cfg
 
 __all__ = ['Sparsifiner', 'SparsifinerAttention', 'SparsifinerBlock']
 
@@ -544,13 +544,8 @@ def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: Sparsifiner
 
 
 def _create(variant: str, pretrained: bool = False, **kwargs) -> Sparsifiner:
-    out_indices = kwargs.pop('out_indices', min(3, kwargs.get('depth', 12)))
-    return build_model_with_cfg(
-        Sparsifiner, variant, pretrained,
-        pretrained_filter_fn=checkpoint_filter_fn,
-        feature_cfg=dict(out_indices=out_indices, feature_cls='getter'),
-        **kwargs,
-    )
+    default_out = min(3, kwargs.get('depth', 12))
+    return create_model(Sparsifiner, variant, pretrained, checkpoint_filter_fn, default_out, **kwargs)
 
 
 _NO_WEIGHTS = ('No trained Sparsifiner checkpoints are released (official README, evaluation section commented '
@@ -558,16 +553,17 @@ _NO_WEIGHTS = ('No trained Sparsifiner checkpoints are released (official README
 
 
 def _cfg(**kwargs) -> Dict:
-    return {
-        'num_classes': 1000, 'input_size': (3, 224, 224), 'pool_size': None, 'fixed_input_size': True,
-        'crop_pct': 0.875, 'interpolation': 'bicubic',
-        'mean': IMAGENET_DEFAULT_MEAN, 'std': IMAGENET_DEFAULT_STD,
-        'first_conv': 'patch_embed.proj', 'classifier': 'head',
-        'license': 'mit', 'origin_url': 'https://github.com/lim142857/Sparsifiner',
+    return imagenet_cfg(**{
+        'pool_size': None,
+        'fixed_input_size': True,
+        'first_conv': 'patch_embed.proj',
+        'classifier': 'head',
+        'license': 'mit',
+        'origin_url': 'https://github.com/lim142857/Sparsifiner',
         'paper_ids': 'arXiv:2303.13755',
         'paper_name': 'Sparsifiner: Learning Sparse Instance-Dependent Attention for Efficient Vision Transformers',
         **kwargs,
-    }
+    })
 
 
 default_cfgs = generate_default_cfgs({

@@ -14,13 +14,13 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import DropPath, SelectAdaptivePool2d, calculate_drop_path_rates, to_2tuple, trunc_normal_
-from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_cfgs, register_model
+from timm.models import checkpoint_seq, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 
 from zoo.layers.aggregated_attn import AggregatedAttention, ScaledCosineAttention
 from zoo.layers.convglu import ConvGLU
+from zoo.models._factory import create_model, imagenet_cfg
 
 __all__ = ['TransNeXt']
 
@@ -319,13 +319,7 @@ def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: nn.Module) 
 
 
 def _create(variant: str, pretrained: bool = False, **kwargs) -> TransNeXt:
-    out_indices = kwargs.pop('out_indices', (0, 1, 2, 3))
-    return build_model_with_cfg(
-        TransNeXt, variant, pretrained,
-        pretrained_filter_fn=checkpoint_filter_fn,
-        feature_cfg=dict(out_indices=out_indices, feature_cls='getter'),
-        **kwargs,
-    )
+    return create_model(TransNeXt, variant, pretrained, checkpoint_filter_fn, (0, 1, 2, 3), **kwargs)
 
 
 _HF = 'https://huggingface.co/DaiShiResearch/'
@@ -334,17 +328,16 @@ _HF = 'https://huggingface.co/DaiShiResearch/'
 def _cfg(url: str = '', **kwargs) -> Dict:
     # The official default_cfg (timm's generic ViT cfg: mean/std 0.5, crop 0.9) is not what training and
     # evaluation used: ImageNet mean/std, bicubic resize 256 + centre crop 224.
-    return {
+    return imagenet_cfg(**{
         'url': url,
-        'num_classes': 1000, 'input_size': (3, 224, 224), 'pool_size': (7, 7),
-        'crop_pct': 0.875, 'interpolation': 'bicubic', 'fixed_input_size': False,
-        'mean': IMAGENET_DEFAULT_MEAN, 'std': IMAGENET_DEFAULT_STD,
-        'first_conv': 'patch_embed1.proj', 'classifier': 'head',
-        'license': 'apache-2.0', 'origin_url': 'https://github.com/DaiShiResearch/TransNeXt',
+        'first_conv': 'patch_embed1.proj',
+        'classifier': 'head',
+        'license': 'apache-2.0',
+        'origin_url': 'https://github.com/DaiShiResearch/TransNeXt',
         'paper_ids': 'arXiv:2311.17132',
         'paper_name': 'TransNeXt: Robust Foveal Visual Perception for Vision Transformers',
         **kwargs,
-    }
+    })
 
 
 # 384 fine-tuned weights: evaluated by warping to 384 (no crop); trained with pretrain_size 224, the default.

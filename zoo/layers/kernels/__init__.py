@@ -4,11 +4,12 @@ Every kernel here has a plain-PyTorch reference twin in zoo.layers; `backend="au
 kernel on CUDA once a real-GPU check of it is recorded in benchmarks/RESULTS.md (listed in
 `GPU_VERIFIED`). Until then auto runs the reference, which is correct everywhere.
 """
+import contextlib
 import importlib.util
 
 import torch
 
-__all__ = ['pick_backend', 'GPU_VERIFIED', 'natten_available']
+__all__ = ['pick_backend', 'GPU_VERIFIED', 'natten_available', 'reference_only']
 
 # Kernels whose real-GPU parity and speed are recorded in benchmarks/RESULTS.md.
 GPU_VERIFIED = frozenset()
@@ -22,11 +23,28 @@ def natten_available() -> bool:
     return bool(getattr(natten, 'HAS_LIBNATTEN', False))
 
 
+_reference_only = False
+
+
+@contextlib.contextmanager
+def reference_only():
+    """Inside this block backend='auto' always runs the reference: counting an operator's MACs must see the
+    operator, not the dense attention that runs it on small maps."""
+    global _reference_only
+    previous, _reference_only = _reference_only, True
+    try:
+        yield
+    finally:
+        _reference_only = previous
+
+
 def pick_backend(tensor: torch.Tensor, has_rpb: bool, fused: bool) -> str:
     """Backend for backend='auto': 'triton', 'natten', 'dense' or 'torch' (the reference).
 
     tensor: the query, (B, heads, H, W, d).
     """
+    if _reference_only:
+        return 'torch'
     if tensor.device.type != 'cuda':
         from . import na2d_dense
         return 'dense' if fused and na2d_dense.fits(tensor) else 'torch'
