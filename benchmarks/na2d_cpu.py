@@ -4,6 +4,9 @@ Implementations (all compute softmax(scale * q.k) @ v over dilated, border-shift
 
 * reference   zoo.layers.neighborhood_attention_2d(backend='torch'): loops over the k*k window
               slots on whole-map gathers; custom autograd, so forward and forward+backward.
+* dense       zoo.layers.neighborhood_attention_2d(backend='dense'): one scaled_dot_product_attention over
+              all H*W keys with the neighbourhood as an additive bias (-inf outside, rpb inside); what
+              backend='auto' runs on CPU for maps up to 400 tokens. O((H*W)^2) memory.
 * natten      natten.na2d with backend 'flex-fna', eager (the only CPU path of natten 0.21.7 without
               its compiled library); forward only, natten has no CPU backward. Skipped if natten
               is not installed.
@@ -55,6 +58,7 @@ CASES = [
     ('56x56 h2 k7 d1', 2, 56, 56, 32, 7, 1),
     ('28x28 h4 k7 d2', 4, 28, 28, 32, 7, 2),
     ('14x14 h8 k7 d1', 8, 14, 14, 32, 7, 1),
+    ('16x16 h1 k5 d1', 1, 16, 16, 32, 5, 1),  # the quickstart model's first level at 64x64 input
 ]
 
 
@@ -154,6 +158,10 @@ def build_impls(q, k, v, kernel_size, dilation, scale, natten, use_flex: bool) -
     impls = [Impl('reference', lambda: neighborhood_attention_2d(*leaves, kernel_size, dilation, scale=scale,
                                                                   backend='torch'),
                   leaves, _same_layout, slow=False, grad=True)]
+    dense = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+    impls.append(Impl('dense', lambda: neighborhood_attention_2d(*dense, kernel_size, dilation, scale=scale,
+                                                                 backend='dense'),
+                      dense, _same_layout, slow=False, grad=True))
     natives = [t.detach().clone().requires_grad_() for t in (q, k, v)]
     impls.append(Impl('unfold', lambda: unfold_na2d(*natives, kernel_size, dilation, scale),
                       natives, _same_layout, slow=False, grad=True))
