@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[test,wandb]'
+	$(BIN)/python -m pip install --quiet -e '.[test,wandb,openmmlab]'
 	# optional natten backend, so that its tests run too (pure Python without a GPU; needs torch at build time)
 	$(BIN)/python -m pip install --quiet --no-build-isolation --no-deps natten==0.21.7
 	touch $(STAMP)

@@ -1,5 +1,7 @@
 """The `zoo` command: list, train, eval, predict, convert, bench."""
 import argparse
+import importlib
+import importlib.util
 import json
 import sys
 from pathlib import Path
@@ -50,6 +52,13 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _task_module(task: str):
+    """zoo.tasks.<task>, whose train(recipe, output, resume) runs a recipe of that task."""
+    if importlib.util.find_spec(f'zoo.tasks.{task}') is None:
+        raise ValueError(f'task {task!r} has no trainer yet')
+    return importlib.import_module(f'zoo.tasks.{task}')
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from zoo.recipes import load_recipe, recipe_to_dict
     recipe = load_recipe(args.recipe, args.set)
@@ -57,11 +66,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         import yaml
         print(yaml.safe_dump(recipe_to_dict(recipe), sort_keys=False), end='')
         return 0
-    if recipe.task != 'classification':
-        raise ValueError(f'task {recipe.task!r} has no trainer yet; only classification can be trained')
-    from zoo.tasks import classification
+    task = _task_module(recipe.task)
     output = args.output or str(Path('runs') / Path(args.recipe).stem)
-    metrics = classification.train(recipe, output, resume=args.resume)
+    metrics = task.train(recipe, output, resume=args.resume)
     from lightning_fabric.utilities.rank_zero import rank_zero_only
     if rank_zero_only.rank == 0:  # under DDP every process returns here; one report is enough
         print(json.dumps(metrics, indent=1))

@@ -61,6 +61,8 @@ class DataSection:
     train_size: int = 5000
     val_size: int = 1000
     seed: int = 0
+    ann_file: Optional[str] = None
+    ignore_index: int = 255
     crop_pct: Optional[float] = None
     interpolation: Optional[str] = None
     mean: Optional[List[float]] = None
@@ -145,6 +147,8 @@ class LoggingSection:
 class Recipe:
     task: str = 'classification'
     model: ModelSection = field(default_factory=ModelSection)
+    # task-specific head on top of the backbone (detector, decoder): free-form here, validated by its task
+    head: Dict[str, Any] = field(default_factory=dict)
     data: DataSection = field(default_factory=DataSection)
     optim: OptimSection = field(default_factory=OptimSection)
     schedule: ScheduleSection = field(default_factory=ScheduleSection)
@@ -310,10 +314,13 @@ def recipe_from_dict(tree: Dict, source: str, check_model: bool = True) -> Recip
     phases = tree.get('phases')
     if phases is not None and not (isinstance(phases, list) and all(isinstance(p, dict) for p in phases)):
         raise RecipeError(f'{source}: `phases` must be a list of partial recipes (mappings)')
+    head = tree.get('head') or {}
+    if not isinstance(head, dict):
+        raise RecipeError(f'{source}: `head` must be a mapping (the task head: detector or decoder settings)')
     source_field = tree.get('source')
     if source_field is not None and not _type_ok(source_field, Union[str, List[str]]):
         raise RecipeError(f'{source}: `source` must be a string or a list of strings')
-    return Recipe(task=task, model=model, phases=phases, source=source_field, path=source, **sections)
+    return Recipe(task=task, model=model, head=head, phases=phases, source=source_field, path=source, **sections)
 
 
 def load_recipe(path: Union[str, Path], overrides: Sequence[str] = (), check_model: bool = True) -> Recipe:
@@ -330,8 +337,8 @@ def recipe_to_dict(recipe: Recipe) -> Dict:
     out['model'] = {'name': model['name'], 'checkpoint': model['checkpoint'], 'pretrained': model['pretrained'],
                     **model['kwargs']}
     out.pop('path')
-    order = ['task', 'source', 'model', *(_SECTIONS), 'phases']
-    return {key: out[key] for key in order if out.get(key) is not None}
+    order = ['task', 'source', 'model', 'head', *(_SECTIONS), 'phases']
+    return {key: out[key] for key in order if out.get(key) not in (None, {})}
 
 
 def save_recipe(recipe: Recipe, path: Union[str, Path]) -> None:

@@ -112,12 +112,8 @@ def _check_window_inputs(first: torch.Tensor, first_name: str, second: torch.Ten
 
 def _resolve_backend(backend: str, tensor: torch.Tensor) -> str:
     """'auto' runs the Triton kernel only on CUDA and only once its real-GPU check is recorded."""
-    if backend not in WINDOW_BACKENDS:
-        raise ValueError(f'backend must be one of {WINDOW_BACKENDS}, got {backend!r}')
-    if backend != 'auto':
-        return backend
-    from .kernels import GPU_VERIFIED
-    return 'triton' if tensor.is_cuda and KERNEL_NAME in GPU_VERIFIED else 'torch'
+    from .kernels import resolve_backend
+    return resolve_backend(backend, WINDOW_BACKENDS, tensor, KERNEL_NAME)
 
 
 def window_qk(query: torch.Tensor, key: torch.Tensor, bias: Optional[torch.Tensor] = None, kernel_size: int = 3,

@@ -159,13 +159,9 @@ def _reference(query, key, value, block_size, halo_size, rel_h, rel_w, scale, bo
 
 
 def _resolve_backend(backend: str, tensor: torch.Tensor) -> str:
-    if backend not in HALO_BACKENDS:
-        raise ValueError(f'backend must be one of {HALO_BACKENDS}, got {backend!r}')
-    if backend == 'auto':
-        # the kernels package's rule: a Triton kernel only on CUDA and only once its GPU check is recorded
-        from .kernels import GPU_VERIFIED
-        return 'triton' if tensor.device.type == 'cuda' and 'halo' in GPU_VERIFIED else 'torch'
-    return backend
+    """'auto' runs the Triton kernel only on CUDA and only once its real-GPU check is recorded."""
+    from .kernels import resolve_backend
+    return resolve_backend(backend, HALO_BACKENDS, tensor, 'halo')
 
 
 def halo_attention_2d(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, block_size: int,

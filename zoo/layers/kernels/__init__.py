@@ -6,10 +6,11 @@ kernel on CUDA once a real-GPU check of it is recorded in benchmarks/RESULTS.md 
 """
 import contextlib
 import importlib.util
+from typing import Sequence
 
 import torch
 
-__all__ = ['pick_backend', 'GPU_VERIFIED', 'natten_available', 'reference_only']
+__all__ = ['pick_backend', 'resolve_backend', 'GPU_VERIFIED', 'natten_available', 'reference_only']
 
 # Kernels whose real-GPU parity and speed are recorded in benchmarks/RESULTS.md.
 GPU_VERIFIED = frozenset()
@@ -53,3 +54,14 @@ def pick_backend(tensor: torch.Tensor, has_rpb: bool, fused: bool) -> str:
     if fused and not has_rpb and natten_available():
         return 'natten'
     return 'torch'
+
+
+def resolve_backend(backend: str, allowed: Sequence[str], tensor: torch.Tensor, kernel: str) -> str:
+    """`backend` checked against `allowed`, with 'auto' resolved: the Triton kernel named `kernel` on CUDA once its
+    real-GPU check is recorded (`kernel` in GPU_VERIFIED), else 'torch' (the reference)."""
+    if backend not in allowed:
+        raise ValueError(f'backend must be one of {tuple(allowed)}, got {backend!r}')
+    if backend != 'auto':
+        return backend
+    verified = tensor.device.type == 'cuda' and kernel in GPU_VERIFIED and not _reference_only
+    return 'triton' if verified else 'torch'
