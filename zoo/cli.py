@@ -93,7 +93,41 @@ def _load_for_eval(args: argparse.Namespace):
     return timm.create_model(args.model, pretrained=True, pretrained_cfg_overlay=overlay, **kwargs)
 
 
+def _eval_detection(args: argparse.Namespace) -> dict:
+    """COCO mAP of a detector folder (`zoo train` of a detection recipe writes DIR/model) on images + COCO json."""
+    if not args.checkpoint or not args.ann_file or not args.data:
+        raise ValueError('--task detection needs --checkpoint DIR/model (a trained detector), --ann-file JSON and '
+                         '--data IMAGE_FOLDER')
+    from zoo.tasks.detection import evaluate_checkpoint
+    return evaluate_checkpoint(args.checkpoint, args.ann_file, args.data, args.batch_size or 8, args.workers)
+
+
+def _eval_segmentation(args: argparse.Namespace) -> dict:
+    """mIoU / mAcc / aAcc of a segmenter (RUN/model/segmenter.pt or a Lightning .ckpt) on its recipe's validation
+    split; the recipe defaults to the run folder's recipe.yaml, --data replaces its data.root."""
+    if not args.checkpoint:
+        raise ValueError('--task segmentation needs --checkpoint RUN/model/segmenter.pt (or a .ckpt of the run)')
+    from zoo.recipes import load_recipe
+    from zoo.tasks.segmentation import evaluate
+    recipe_path = Path(args.recipe) if args.recipe else Path(args.checkpoint).resolve().parents[1] / 'recipe.yaml'
+    if not recipe_path.is_file():
+        raise ValueError(f'no recipe at {recipe_path}: pass --recipe (the recipe.yaml of the run)')
+    overrides = [f'data.root={args.data}'] if args.data else []
+    return evaluate(load_recipe(recipe_path, overrides), args.checkpoint, args.batch_size, args.workers)
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
+    metrics = _TASK_EVAL[args.task](args)
+    print(json.dumps(metrics, indent=1))
+    if args.json:
+        Path(args.json).write_text(json.dumps(metrics, indent=1) + '\n')
+    return 0
+
+
+def _eval_classification(args: argparse.Namespace) -> dict:
+    """top-1 / top-5 of a model and checkpoint on an ImageFolder or the shapes validation split."""
+    if not args.data:
+        raise ValueError("--data is required: an ImageFolder root or 'shapes'")
     from zoo.data.folder import SafeImageFolder
     from zoo.data.shapes import ShapesClassification
     from zoo.tasks.classification import eval_transform, evaluate
@@ -107,11 +141,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
         if len(dataset.classes) > model.num_classes:
             raise ValueError(f'{args.data} has {len(dataset.classes)} classes but the model predicts '
                              f'{model.num_classes}')
-    metrics = evaluate(model, dataset, batch_size=args.batch_size, workers=args.workers)
-    print(json.dumps(metrics, indent=1))
-    if args.json:
-        Path(args.json).write_text(json.dumps(metrics, indent=1) + '\n')
-    return 0
+    return evaluate(model, dataset, batch_size=args.batch_size or 128, workers=args.workers)
+
+
+_TASK_EVAL = {'classification': _eval_classification, 'detection': _eval_detection,
+              'segmentation': _eval_segmentation}
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
@@ -181,13 +215,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--dry-run', action='store_true', help='validate and print the resolved recipe, then exit')
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser('eval', help='top-1 / top-5 of a model and checkpoint on an ImageFolder or the shapes set')
+    p = sub.add_parser('eval', help='metrics of a trained model: top-1 / top-5 (classification, an ImageFolder or the '
+                                    'shapes set), COCO mAP (detection), mIoU (segmentation)')
+    p.add_argument('--task', default='classification', choices=sorted(_TASK_EVAL))
+    p.add_argument('--ann-file', default=None, help='COCO json of the images in --data (detection)')
     p.add_argument('--model', default=None, help='registered model name (not needed for a model folder)')
     p.add_argument('--checkpoint', default=None, help='weights file (official or ours) or a model folder')
-    p.add_argument('--data', required=True, help="ImageFolder root (class sub-folders) or 'shapes'")
+    p.add_argument('--data', default=None,
+                   help="classification: ImageFolder root (class sub-folders) or 'shapes'; detection: the image "
+                        "folder; segmentation: replaces the recipe's data.root")
+    p.add_argument('--recipe', default=None, help="segmentation: the run's recipe.yaml (default: beside --checkpoint)")
     p.add_argument('--num-classes', type=int, default=None)
     p.add_argument('--shapes-size', type=int, default=1000, help='images in the shapes validation split')
-    p.add_argument('--batch-size', type=int, default=128)
+    p.add_argument('--batch-size', type=int, default=None,
+                   help="default: 128 (classification), 8 (detection), the recipe's (segmentation)")
     p.add_argument('--workers', type=int, default=2)
     p.add_argument('--json', default=None, help='also write the metrics to this file')
     p.set_defaults(func=cmd_eval)
