@@ -13,8 +13,6 @@ import torch
 import torch.nn as nn
 from timm.data import Mixup, create_transform, resolve_data_config
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
-from timm.optim import create_optimizer_v2
-from timm.scheduler import create_scheduler_v2
 from timm.utils import ModelEmaV3
 from torch.utils.data import DataLoader, Dataset, default_collate
 from torchdata.stateful_dataloader import StatefulDataLoader
@@ -25,7 +23,8 @@ from zoo.data.shapes import ShapesClassification
 from zoo.manifest import verify_listed_checkpoint
 from zoo.recipes import Recipe
 from zoo.tasks.distill import DistillConfig, DistillLoss
-from zoo.tasks.engine import build_trainer, check_finite_loss, prepare_run_dir, write_metrics
+from zoo.tasks.engine import (build_trainer, check_finite_loss, create_optimizer, create_scheduler, prepare_run_dir,
+                              write_metrics)
 from zoo.tasks.phases import train_phases
 
 __all__ = ['ClassificationModule', 'build_model', 'data_config', 'build_datasets', 'train', 'evaluate', 'predict',
@@ -135,19 +134,9 @@ class ClassificationModule(pl.LightningModule):
         return self.model(x)
 
     def configure_optimizers(self):
-        o, s = self.recipe.optim, self.recipe.schedule
-        lr = o.lr
-        if o.lr_base_size:
-            lr = o.lr * self.recipe.data.batch_size * self.recipe.trainer.accumulate * self.trainer.world_size \
-                / o.lr_base_size
-        extra = {k: v for k, v in (('eps', o.eps), ('betas', tuple(o.betas) if o.betas else None)) if v is not None}
-        optimizer = create_optimizer_v2(self.model, opt=o.name, lr=lr, weight_decay=o.weight_decay,
-                                        layer_decay=o.layer_decay, momentum=o.momentum, **extra)
-        sched_args = dict(decay_milestones=s.decay_milestones) if s.decay_milestones else {}
-        self.scheduler, _ = create_scheduler_v2(
-            optimizer, sched=s.sched, num_epochs=s.epochs, warmup_epochs=s.warmup_epochs, warmup_lr=s.warmup_lr,
-            min_lr=s.min_lr, cooldown_epochs=s.cooldown_epochs, decay_rate=s.decay_rate, step_on_epochs=False,
-            updates_per_epoch=self.updates_per_epoch, **sched_args)
+        world_size = self.trainer.world_size if self._trainer is not None else 1
+        optimizer = create_optimizer(self.model, self.recipe, world_size, layer_decay=self.recipe.optim.layer_decay)
+        self.scheduler = create_scheduler(optimizer, self.recipe, self.updates_per_epoch)
         if self.scheduler is not None:  # sched 'none' keeps the optimizer's lr
             self.scheduler.step_update(self.global_step)
         return optimizer

@@ -24,8 +24,7 @@ import torch.nn as nn
 from pycocotools import mask as mask_utils
 from pycocotools.cocoeval import COCOeval
 from safetensors.torch import load_file, save_file
-from timm.optim import create_optimizer_v2, param_groups_weight_decay
-from timm.scheduler import create_scheduler_v2
+from timm.optim import param_groups_weight_decay
 from torch.utils.data import DataLoader
 from torchvision.models.detection import FCOS, MaskRCNN, RetinaNet
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
@@ -36,7 +35,8 @@ from torchvision.ops.feature_pyramid_network import LastLevelMaxPool, LastLevelP
 import zoo  # noqa: F401  (registers the zoo's models)
 from zoo.data.coco import CocoInstances, detection_collate, shapes_coco
 from zoo.recipes import Recipe
-from zoo.tasks.engine import atomic_write_bytes, build_trainer, check_finite_loss, prepare_run_dir, write_metrics
+from zoo.tasks.engine import (atomic_write_bytes, build_trainer, check_finite_loss, create_optimizer, create_scheduler,
+                              prepare_run_dir, write_metrics)
 
 __all__ = ['ARCHS', 'HeadConfig', 'FeaturePyramidBackbone', 'load_backbone_weights', 'build_detector',
            'validate_images', 'coco_evaluate', 'evaluate', 'DetectionModule', 'build_datasets', 'train',
@@ -316,21 +316,13 @@ class DetectionModule(pl.LightningModule):
         self.fit_seconds = 0.0
 
     def configure_optimizers(self):
-        o, s = self.recipe.optim, self.recipe.schedule
-        extra = {k: v for k, v in (('eps', o.eps), ('betas', tuple(o.betas) if o.betas else None)) if v is not None}
         # no decay on 1-d tensors (biases, norms) and on the backbone's own no_weight_decay() names (position
         # biases, tokens), as the official downstream configs exempt them
-        groups = param_groups_weight_decay(self.detector, o.weight_decay, _no_weight_decay_names(self.detector))
-        lr = o.lr
-        if o.lr_base_size:  # linear scaling from the batch the official lr was set for
-            lr = o.lr * self.recipe.data.batch_size * self.recipe.trainer.accumulate * self.trainer.world_size \
-                / o.lr_base_size
-        optimizer = create_optimizer_v2(groups, opt=o.name, lr=lr, weight_decay=0.0, momentum=o.momentum, **extra)
-        sched_args = dict(decay_milestones=s.decay_milestones) if s.decay_milestones else {}
-        self.scheduler, _ = create_scheduler_v2(
-            optimizer, sched=s.sched, num_epochs=s.epochs, warmup_epochs=s.warmup_epochs, warmup_lr=s.warmup_lr,
-            min_lr=s.min_lr, cooldown_epochs=s.cooldown_epochs, decay_rate=s.decay_rate, step_on_epochs=False,
-            updates_per_epoch=self.updates_per_epoch, **sched_args)
+        groups = param_groups_weight_decay(self.detector, self.recipe.optim.weight_decay,
+                                           _no_weight_decay_names(self.detector))
+        world_size = self.trainer.world_size if self._trainer is not None else 1
+        optimizer = create_optimizer(groups, self.recipe, world_size, weight_decay=0.0)
+        self.scheduler = create_scheduler(optimizer, self.recipe, self.updates_per_epoch)
         if self.scheduler is not None:
             self.scheduler.step_update(self.global_step)
         return optimizer

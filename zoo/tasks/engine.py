@@ -21,6 +21,8 @@ import pytorch_lightning as pl
 import torch
 from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
 from pytorch_lightning.callbacks import Callback, ModelCheckpoint
+from timm.optim import create_optimizer_v2
+from timm.scheduler import create_scheduler_v2
 
 from zoo.recipes import Recipe, save_recipe
 
@@ -127,3 +129,26 @@ def write_metrics(out: Path, metrics: Dict[str, float]) -> Path:
     path = out / 'metrics.json'
     atomic_write_bytes(path, (json.dumps(metrics, indent=1, sort_keys=True) + '\n').encode())
     return path
+
+
+def create_optimizer(params, recipe: Recipe, world_size: int, **overrides) -> torch.optim.Optimizer:
+    """timm's optimizer from the recipe's `optim` (`params`: a model or parameter groups); the lr is scaled linearly
+    to the global batch when `optim.lr_base_size` is set. `overrides` replace create_optimizer_v2 arguments."""
+    o = recipe.optim
+    lr = o.lr
+    if o.lr_base_size:
+        lr = o.lr * recipe.data.batch_size * recipe.trainer.accumulate * world_size / o.lr_base_size
+    extra = {k: v for k, v in (('eps', o.eps), ('betas', tuple(o.betas) if o.betas else None)) if v is not None}
+    kwargs = dict(opt=o.name, lr=lr, weight_decay=o.weight_decay, momentum=o.momentum, **extra)
+    return create_optimizer_v2(params, **{**kwargs, **overrides})
+
+
+def create_scheduler(optimizer: torch.optim.Optimizer, recipe: Recipe, updates_per_epoch: int):
+    """timm's scheduler from the recipe's `schedule`, stepped per update (None for sched 'none')."""
+    s = recipe.schedule
+    sched_args = dict(decay_milestones=s.decay_milestones) if s.decay_milestones else {}
+    scheduler, _ = create_scheduler_v2(
+        optimizer, sched=s.sched, num_epochs=s.epochs, warmup_epochs=s.warmup_epochs, warmup_lr=s.warmup_lr,
+        min_lr=s.min_lr, cooldown_epochs=s.cooldown_epochs, decay_rate=s.decay_rate, step_on_epochs=False,
+        updates_per_epoch=updates_per_epoch, **sched_args)
+    return scheduler

@@ -20,15 +20,14 @@ import timm
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from timm.optim import create_optimizer_v2
-from timm.scheduler import create_scheduler_v2
 from torch.utils.data import DataLoader, Dataset
 
 import zoo  # noqa: F401  (registers the zoo's models)
 from zoo.data.segmentation import MaskFolder, SegTransform, ShapesSegmentation, ade20k_folders
 from zoo.manifest import verify_listed_checkpoint
 from zoo.recipes import Recipe
-from zoo.tasks.engine import build_trainer, check_finite_loss, prepare_run_dir, write_metrics
+from zoo.tasks.engine import (build_trainer, check_finite_loss, create_optimizer, create_scheduler, prepare_run_dir,
+                              write_metrics)
 
 __all__ = ['ARCHITECTURES', 'Segmenter', 'build_segmenter', 'decoder_arguments', 'check_batch', 'confusion_matrix',
            'segmentation_metrics', 'build_datasets', 'SegmentationModule', 'train', 'evaluate']
@@ -239,18 +238,9 @@ class SegmentationModule(pl.LightningModule):
         return self.model(images)
 
     def configure_optimizers(self):
-        o, s = self.recipe.optim, self.recipe.schedule
-        lr = o.lr
-        if o.lr_base_size:
-            lr = o.lr * self.recipe.data.batch_size * self.recipe.trainer.accumulate * self.trainer.world_size \
-                / o.lr_base_size
-        extra = {k: v for k, v in (('eps', o.eps), ('betas', tuple(o.betas) if o.betas else None)) if v is not None}
-        optimizer = create_optimizer_v2(self.model, opt=o.name, lr=lr, weight_decay=o.weight_decay,
-                                        momentum=o.momentum, **extra)
-        self.scheduler, _ = create_scheduler_v2(
-            optimizer, sched=s.sched, num_epochs=s.epochs, warmup_epochs=s.warmup_epochs, warmup_lr=s.warmup_lr,
-            min_lr=s.min_lr, cooldown_epochs=s.cooldown_epochs, decay_rate=s.decay_rate, step_on_epochs=False,
-            updates_per_epoch=self.updates_per_epoch)
+        world_size = self.trainer.world_size if self._trainer is not None else 1
+        optimizer = create_optimizer(self.model, self.recipe, world_size)
+        self.scheduler = create_scheduler(optimizer, self.recipe, self.updates_per_epoch)
         return optimizer
 
     def training_step(self, batch, batch_idx):
