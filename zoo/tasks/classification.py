@@ -24,7 +24,7 @@ from zoo.manifest import verify_listed_checkpoint
 from zoo.recipes import Recipe
 from zoo.tasks.distill import DistillConfig, DistillLoss
 from zoo.tasks.engine import (build_trainer, check_finite_loss, create_optimizer, create_scheduler, prepare_run_dir,
-                              write_metrics)
+                              ScheduledModule, write_metrics)
 from zoo.tasks.phases import train_phases
 
 __all__ = ['ClassificationModule', 'build_model', 'data_config', 'build_datasets', 'train', 'evaluate', 'predict',
@@ -95,7 +95,7 @@ def build_datasets(recipe: Recipe, train_transform=None, val_transform=None) -> 
     raise ValueError(f"data.name must be 'shapes' or 'imagefolder', got {d.name!r}")
 
 
-class ClassificationModule(pl.LightningModule):
+class ClassificationModule(ScheduledModule):
     """A timm model trained with mixup/cutmix, label smoothing, layer decay, EMA and a per-step LR schedule."""
 
     def __init__(self, recipe: Recipe, num_classes: int, updates_per_epoch: int, run_dir: Optional[Path] = None):
@@ -124,8 +124,6 @@ class ClassificationModule(pl.LightningModule):
             raise ValueError(f'loss.aux_weight is set but {recipe.model.name} has no auxiliary head '
                              f'(forward_with_aux); remove loss.aux_weight')
         self.top_k = min(5, num_classes)
-        self.scheduler = None
-        self._scheduler_state = None  # restored by on_load_checkpoint, applied once the scheduler exists
         self.skipped_images = 0
         self.fit_seconds = 0.0
         self._val = {'correct1': 0, 'correctk': 0, 'count': 0, 'loss': 0.0}
@@ -198,22 +196,15 @@ class ClassificationModule(pl.LightningModule):
                        'val_loss': totals[3].item() / count}, prog_bar=True, sync_dist=False)
 
     def on_save_checkpoint(self, checkpoint):
-        checkpoint['zoo_scheduler'] = self.scheduler.state_dict() if self.scheduler else None
+        super().on_save_checkpoint(checkpoint)
         checkpoint['zoo_ema'] = self.ema.module.state_dict() if self.ema is not None else None
         checkpoint['zoo_skipped_images'] = self.skipped_images
 
     def on_load_checkpoint(self, checkpoint):
+        super().on_load_checkpoint(checkpoint)
         if self.ema is not None and checkpoint.get('zoo_ema') is not None:
             self.ema.module.load_state_dict(checkpoint['zoo_ema'])
         self.skipped_images = checkpoint.get('zoo_skipped_images', 0)
-        self._scheduler_state = checkpoint.get('zoo_scheduler')
-
-    def on_train_start(self):
-        if self.scheduler is None:
-            return
-        if self._scheduler_state:
-            self.scheduler.load_state_dict(self._scheduler_state)
-        self.scheduler.step_update(self.global_step)
 
 
 def _loader(dataset: Dataset, recipe: Recipe, train: bool) -> DataLoader:

@@ -36,7 +36,7 @@ import zoo  # noqa: F401  (registers the zoo's models)
 from zoo.data.coco import CocoInstances, detection_collate, shapes_coco
 from zoo.recipes import Recipe
 from zoo.tasks.engine import (atomic_write_bytes, build_trainer, check_finite_loss, create_optimizer, create_scheduler,
-                              prepare_run_dir, write_metrics)
+                              prepare_run_dir, ScheduledModule, write_metrics)
 
 __all__ = ['ARCHS', 'HeadConfig', 'FeaturePyramidBackbone', 'load_backbone_weights', 'build_detector',
            'validate_images', 'coco_evaluate', 'evaluate', 'DetectionModule', 'build_datasets', 'train',
@@ -294,7 +294,7 @@ def evaluate(detector: nn.Module, dataset: CocoInstances, batch_size: int = 8, w
     return dict(_metrics(dataset, outputs, image_ids), images=len(image_ids))
 
 
-class DetectionModule(pl.LightningModule):
+class DetectionModule(ScheduledModule):
     """A detector trained with the summed torchvision losses, timm's optimizer (AdamW) and per-step schedule."""
 
     def __init__(self, recipe: Recipe, num_classes: int, updates_per_epoch: int, val_set: CocoInstances,
@@ -309,8 +309,6 @@ class DetectionModule(pl.LightningModule):
         if recipe.trainer.grad_checkpointing:
             body = self.detector.backbone.body
             getattr(body, 'model', body).set_grad_checkpointing(True)
-        self.scheduler = None
-        self._scheduler_state = None
         self._outputs: List[Dict] = []
         self._image_ids: List[int] = []
         self.fit_seconds = 0.0
@@ -355,19 +353,6 @@ class DetectionModule(pl.LightningModule):
         # each process scores its own share of the validation images (exact on one device)
         metrics = _metrics(self.val_set, self._outputs, self._image_ids)
         self.log_dict({f'val_{k}': v for k, v in metrics.items()}, prog_bar=True)
-
-    def on_save_checkpoint(self, checkpoint):
-        checkpoint['zoo_scheduler'] = self.scheduler.state_dict() if self.scheduler else None
-
-    def on_load_checkpoint(self, checkpoint):
-        self._scheduler_state = checkpoint.get('zoo_scheduler')
-
-    def on_train_start(self):
-        if self.scheduler is None:
-            return
-        if self._scheduler_state:
-            self.scheduler.load_state_dict(self._scheduler_state)
-        self.scheduler.step_update(self.global_step)
 
 
 def _no_weight_decay_names(detector: nn.Module) -> Set[str]:

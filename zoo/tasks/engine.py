@@ -152,3 +152,23 @@ def create_scheduler(optimizer: torch.optim.Optimizer, recipe: Recipe, updates_p
         min_lr=s.min_lr, cooldown_epochs=s.cooldown_epochs, decay_rate=s.decay_rate, step_on_epochs=False,
         updates_per_epoch=updates_per_epoch, **sched_args)
     return scheduler
+
+
+class ScheduledModule(pl.LightningModule):
+    """A task's LightningModule whose timm scheduler (`self.scheduler`, set in configure_optimizers, None for sched
+    'none') steps per update and travels in every checkpoint, so `--resume` continues the same lr curve."""
+    scheduler = None
+    _scheduler_state = None  # restored by on_load_checkpoint, applied once the scheduler exists
+
+    def on_save_checkpoint(self, checkpoint):
+        checkpoint['zoo_scheduler'] = self.scheduler.state_dict() if self.scheduler else None
+
+    def on_load_checkpoint(self, checkpoint):
+        self._scheduler_state = checkpoint.get('zoo_scheduler')
+
+    def on_train_start(self):
+        if self.scheduler is None:
+            return
+        if self._scheduler_state:
+            self.scheduler.load_state_dict(self._scheduler_state)
+        self.scheduler.step_update(self.global_step)

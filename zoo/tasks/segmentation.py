@@ -27,7 +27,7 @@ from zoo.data.segmentation import MaskFolder, SegTransform, ShapesSegmentation, 
 from zoo.manifest import verify_listed_checkpoint
 from zoo.recipes import Recipe
 from zoo.tasks.engine import (build_trainer, check_finite_loss, create_optimizer, create_scheduler, prepare_run_dir,
-                              write_metrics)
+                              ScheduledModule, write_metrics)
 
 __all__ = ['ARCHITECTURES', 'Segmenter', 'build_segmenter', 'decoder_arguments', 'check_batch', 'confusion_matrix',
            'segmentation_metrics', 'build_datasets', 'SegmentationModule', 'train', 'evaluate']
@@ -218,7 +218,7 @@ def check_batch(images: torch.Tensor, in_chans: int = 3, multiple: int = 32) -> 
                          f'got {images.shape[2]}x{images.shape[3]}')
 
 
-class SegmentationModule(pl.LightningModule):
+class SegmentationModule(ScheduledModule):
     """An smp segmenter trained with pixel cross-entropy (ignore_index) and a per-step timm schedule."""
 
     def __init__(self, recipe: Recipe, num_classes: int, updates_per_epoch: int, run_dir: Optional[Path] = None):
@@ -228,8 +228,6 @@ class SegmentationModule(pl.LightningModule):
         self.num_classes = num_classes
         self.updates_per_epoch = updates_per_epoch
         self.model = _segmenter_from_recipe(recipe, num_classes)
-        self.scheduler = None
-        self._scheduler_state = None
         self.fit_seconds = 0.0
         self._confusion = torch.zeros(num_classes, num_classes, dtype=torch.int64)
 
@@ -266,19 +264,6 @@ class SegmentationModule(pl.LightningModule):
     def on_validation_epoch_end(self):
         confusion = self.trainer.strategy.reduce(self._confusion, reduce_op='sum')
         self.log_dict({f'val_{k}': v for k, v in segmentation_metrics(confusion).items()}, prog_bar=True)
-
-    def on_save_checkpoint(self, checkpoint):
-        checkpoint['zoo_scheduler'] = self.scheduler.state_dict() if self.scheduler else None
-
-    def on_load_checkpoint(self, checkpoint):
-        self._scheduler_state = checkpoint.get('zoo_scheduler')
-
-    def on_train_start(self):
-        if self.scheduler is None:
-            return
-        if self._scheduler_state:
-            self.scheduler.load_state_dict(self._scheduler_state)
-        self.scheduler.step_update(self.global_step)
 
 
 def _loader(dataset: Dataset, recipe: Recipe, train: bool) -> DataLoader:
