@@ -38,7 +38,10 @@ def _rss_mib() -> float:
 def measure(name: str, args: argparse.Namespace) -> Dict:
     """One model's training-step time (s) and peak memory (MiB), in the calling (fresh) process."""
     import zoo  # noqa: F401  (registers the zoo's models in the spawned process)
+    from zoo.layers import kernels
     from zoo.tasks.segmentation import build_segmenter
+    if args.kernels is not None:
+        kernels.GPU_VERIFIED = frozenset(args.kernels)  # what backend='auto' may pick on CUDA
     torch.manual_seed(0)
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -70,7 +73,11 @@ def measure(name: str, args: argparse.Namespace) -> Dict:
 
 
 def _worker(name: str, args: argparse.Namespace, queue) -> None:
-    queue.put(measure(name, args))
+    """Always answers: a model that fails is reported as an error row instead of leaving the parent waiting."""
+    try:
+        queue.put(measure(name, args))
+    except Exception as error:
+        queue.put({'model': name, 'error': f'{type(error).__name__}: {error}'[:300]})
 
 
 def run(names: List[str], args: argparse.Namespace) -> List[Dict]:
@@ -81,18 +88,23 @@ def run(names: List[str], args: argparse.Namespace) -> List[Dict]:
         queue = context.Queue()
         process = context.Process(target=_worker, args=(name, args, queue))
         process.start()
-        results.append(queue.get())
-        process.join()
+        process.join()  # the row is a small dict, so the child's queue feeder never blocks its exit
+        died = {'model': name, 'error': f'worker exited with code {process.exitcode} before reporting'}
+        results.append(died if queue.empty() else queue.get())
     return results
 
 
 def format_table(results: List[Dict]) -> str:
-    base = results[0]
+    measured = [r for r in results if 'error' not in r]
+    lines = [f"| {r['model']} | error: {r['error']} | | | | |" for r in results if 'error' in r]
+    if not measured:
+        return '\n'.join(lines)
+    base = measured[0]
     versus = f"vs {base['model']}"
     lines = [f'| model | params (M) | step (s) | {versus} | peak memory (MiB) | {versus} |',
-             '|---|---|---|---|---|---|']
-    for r in results:
-        lines.append(f"| {r['model']} | {r['params_m']:.1f} | {r['step_s']:.2f} | {r['step_s'] / base['step_s']:.2f} "
+             '|---|---|---|---|---|---|'] + lines
+    for r in measured:
+        lines.append(f"| {r['model']} | {r['params_m']:.1f} | {r['step_s']:.3f} | {r['step_s'] / base['step_s']:.2f} "
                      f"| {r['peak_mib']:.0f} | {r['peak_mib'] / base['peak_mib']:.2f} |")
     return '\n'.join(lines)
 
@@ -108,6 +120,8 @@ def main() -> None:
     parser.add_argument('--steps', type=int, default=2)
     parser.add_argument('--warmup', type=int, default=1)
     parser.add_argument('--threads', type=int, default=2)
+    parser.add_argument('--kernels', nargs='*', default=None,
+                        help="Triton kernels backend='auto' may use on CUDA (default: zoo.layers.kernels.GPU_VERIFIED)")
     parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
     args = parser.parse_args()
     print(f'{datetime.date.today()} {platform.machine()} torch {torch.__version__} device {args.device}; '

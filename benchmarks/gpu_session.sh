@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# One GPU session: the kernel tests on CUDA, each Triton kernel's check and benchmark against the reference,
+# whole models with the kernels on and off, and the 512x512 segmentation training step. Every step has its own
+# time limit and runs even when an earlier one failed; results land in $OUT (at most 8 files).
+#
+#   bash benchmarks/gpu_session.sh            (from the repository root, on a CUDA machine; OUT defaults to ./gpu-out)
+#
+# A timm wheel in .whl/ (optional) is installed to /tmp/site first, so the models build against the timm the
+# project pins whatever the machine has.
+set -u
+OUT=${OUT:-gpu-out}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+if compgen -G '.whl/*.whl' >/dev/null; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+    export PYTHONPATH=/tmp/site:.
+else
+    export PYTHONPATH=.
+fi
+status=0
+step() {  # step NAME SECONDS COMMAND...: run with a limit, log it, remember a failure
+    local name=$1 limit=$2
+    shift 2
+    echo "=== $name (limit ${limit}s) $(date +%T)"
+    timeout --kill-after=10 "$limit" "$@"
+    local rc=$?
+    echo "=== $name rc=$rc $(date +%T)"
+    [ $rc -eq 0 ] || status=1
+}
+{
+    nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
+    python3 -c 'import torch, triton, timm; print("torch", torch.__version__, "triton", triton.__version__, "timm", timm.__version__)'
+    step kernel-tests 80 python3 -m pytest -q -x -p no:cacheprovider tests/test_na2d_triton.py tests/test_halo_triton.py \
+        tests/test_aggregated_triton.py
+    step halo 60 python3 benchmarks/halo_gpu.py --json "$OUT/halo_gpu.json"
+    step aggregated 45 python3 benchmarks/transnext_cpu.py --skip-models --op-batch 32 --iters 10 \
+        --json "$OUT/aggregated_gpu.json"
+    step models 120 python3 benchmarks/models_gpu.py --json "$OUT/models_gpu.json" --warmup 2 --iters 6
+    step na2d 200 python3 benchmarks/na2d_gpu.py --json "$OUT/na2d_gpu.json" --dtypes fp16 --batch 16 \
+        --shapes 56x56-h4-k7 28x28-h4-k7 56x56-h4-k7-d4 --budget-s 60
+    step segmentation 70 python3 benchmarks/segmentation_cpu.py --device cuda --img-size 512 --batch 8 --steps 5 \
+        --warmup 2 --kernels na2d halo aggregated_window
+    echo "=== session status $status"
+} 2>&1 | tee "$OUT/session.log"
+exit $status
