@@ -121,6 +121,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     parser.add_argument('--dtypes', nargs='+', choices=DTYPE_NAMES, default=list(DTYPE_NAMES))
     parser.add_argument('--time-dtype', choices=DTYPE_NAMES, default='bf16')
+    parser.add_argument('--check-shapes', nargs='+', choices=[s.name for s in CHECK_SHAPES],
+                        help='check only these shapes (default: all)')
     parser.add_argument('--no-timing', action='store_true')
     parser.add_argument('--dry-run', action='store_true', help='no GPU: interpreter, tiny check only')
     parser.add_argument('--json', metavar='PATH')
@@ -135,7 +137,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     if not args.dry_run and not torch.cuda.is_available():
         raise SystemExit('no CUDA device: run with --dry-run for the interpreter check')
     device = 'cpu' if args.dry_run else 'cuda'
-    shapes = CHECK_SHAPES[:1] if args.dry_run else CHECK_SHAPES
+    shapes = [s for s in CHECK_SHAPES if s.name in (args.check_shapes or [s.name])]
+    shapes = shapes[:1] if args.dry_run else shapes
     # the interpreter's tl.dot mishandles bf16, so the dry run checks fp32 and fp16 only
     dtypes = [d for d in args.dtypes if not (args.dry_run and d == 'bf16')]
     report = {'device': torch.cuda.get_device_name() if device == 'cuda' else 'cpu (interpreter)',

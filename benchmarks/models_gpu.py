@@ -3,8 +3,8 @@
 For each zoo model the kernels its layers use are switched on and off by listing them in
 `zoo.layers.kernels.GPU_VERIFIED` (what `backend="auto"` reads), so both runs are the code path a user gets:
 
-1. Parity: eval logits in fp32 with the kernels against the reference on the same weights and images
-   (max |difference| / max |reference logit|).
+1. Parity: eval logits in fp32 with the kernels against the reference on the same weights (randomly
+   perturbed, so no branch is zeroed at init) and images (max |difference| / max |reference logit|).
 2. Speed: a training step (bf16 autocast forward, cross-entropy, backward; no optimizer) and an inference
    forward (bf16 autocast, no grad), images/s from CUDA events (median of `--iters` after `--warmup`), and
    the training step's peak allocated memory. timm's convnext_tiny and swin_tiny run beside them as the
@@ -69,8 +69,18 @@ def median_seconds(fn: Callable[[], None], warmup: int, iters: int, device: torc
     return statistics.median(times)
 
 
+def perturb(model: torch.nn.Module, std: float = 0.1) -> None:
+    """Add noise to every parameter: at init many residual branches are zeroed (zero-init last norm, layer
+    scale), which would hide a kernel's output from the logits."""
+    gen = torch.Generator(device='cpu').manual_seed(0)
+    with torch.no_grad():
+        for param in model.parameters():
+            param.add_(std * torch.randn(param.shape, generator=gen).to(param.device))
+
+
 def parity(model: torch.nn.Module, names: Sequence[str], images: torch.Tensor) -> Dict[str, float]:
-    """fp32 eval logits with the kernels on against the reference."""
+    """fp32 eval logits with the kernels on against the reference (on perturbed weights)."""
+    perturb(model)
     model.eval()
     with torch.no_grad():
         set_kernels(())

@@ -151,12 +151,26 @@ def test_half_precision_close_to_float32(dtype):
     torch.testing.assert_close(low.float(), ref, rtol=0, atol=0.05)
 
 
-def test_module_under_autocast():
-    module = NeighborhoodAttention2d(32, 4, 5, dilation=2)
+@pytest.mark.parametrize('backend,attn_drop', [('torch', 0.), ('dense', 0.), ('triton', 0.), ('torch', 0.1)])
+def test_module_trains_under_autocast(backend, attn_drop, monkeypatch):
+    """A mixed-precision training step gives the fp32 step's output and gradients to half precision, on every
+    backend and on the attention-dropout path. CUDA's autocast runs softmax in fp32 while q, k, v stay in half
+    (CPU autocast keeps softmax in half), so the softmax is made to return fp32 here as it does there."""
+    softmax = torch.Tensor.softmax
+    monkeypatch.setattr(torch.Tensor, 'softmax', lambda self, dim: softmax(self.float(), dim))
+    torch.manual_seed(0)
+    module = NeighborhoodAttention2d(32, 4, 5, dilation=2, attn_drop=attn_drop, backend=backend)
     x = torch.randn(2, 12, 11, 32)
-    with torch.autocast('cpu', dtype=torch.bfloat16):
-        out = module(x)
-    assert out.shape == x.shape and torch.isfinite(out.float()).all()
+    results = {}
+    for dtype in (None, torch.float16):
+        module.zero_grad()
+        torch.manual_seed(1)  # the same dropout mask in both runs
+        with torch.autocast('cpu', dtype=dtype or torch.float16, enabled=dtype is not None):
+            out = module(x)
+        out.float().square().mean().backward()
+        results[dtype] = [out.detach().float()] + [p.grad.clone() for p in module.parameters()]
+    for got, want in zip(results[torch.float16], results[None]):
+        torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2 * want.abs().max().item())
 
 
 def test_module_pads_small_maps_like_natten_0_15():

@@ -340,4 +340,5 @@ def neighborhood_attention_2d(query: torch.Tensor, key: torch.Tensor, value: tor
         from .kernels import na2d_dense
         return na2d_dense.neighborhood_attention_2d(query, key, value, kernel_size, dilation, rpb, scale)
     logits = _NeighborhoodQK.apply((query * scale).contiguous(), key.contiguous(), rpb, kernel_size, dilation)
-    return _NeighborhoodAV.apply(logits.softmax(dim=-1), value.contiguous(), kernel_size, dilation)
+    # CUDA autocast returns the softmax in fp32: the weights go back to the values' dtype, as attn @ v would
+    return _NeighborhoodAV.apply(logits.softmax(dim=-1).to(value.dtype), value.contiguous(), kernel_size, dilation)

@@ -90,7 +90,7 @@ class NeighborhoodAttention2d(nn.Module):
         q, k, v = qkv.permute(3, 0, 4, 1, 2, 5).unbind(0)
         if self.attn_drop.p > 0 and self.training:
             attn = na2d_qk(q * self.scale, k, self.kernel_size, self.dilation, self.rpb, self.backend)
-            attn = self.attn_drop(attn.softmax(dim=-1))
+            attn = self.attn_drop(attn.softmax(dim=-1).to(v.dtype))  # fp32 under CUDA autocast
             x = na2d_av(attn, v, self.kernel_size, self.dilation, self.backend)
         else:
             x = neighborhood_attention_2d(q, k, v, self.kernel_size, self.dilation, self.rpb, self.scale,
