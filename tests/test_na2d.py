@@ -115,6 +115,22 @@ def test_auto_picks_dense_only_for_small_maps_on_cpu():
     assert pick_backend(small, has_rpb=True, fused=True) == 'dense'
 
 
+def test_auto_on_cuda_uses_exactly_the_gpu_verified_kernels():
+    """The dispatch rule on CUDA (a stand-in tensor whose device says cuda; no GPU needed): the kernels whose GPU
+    check is recorded run, the others fall back to the reference, and reference_only() still wins."""
+    from types import SimpleNamespace
+    from zoo.layers.kernels import GPU_VERIFIED, resolve_backend
+    cuda = SimpleNamespace(device=torch.device('cuda'), shape=(2, 2, 56, 56, 32))
+    assert pick_backend(cuda, has_rpb=True, fused=True) == ('triton' if 'na2d' in GPU_VERIFIED else 'torch')
+    for kernel in ('aggregated_window', 'halo'):
+        assert resolve_backend('auto', ('auto', 'torch', 'triton'), cuda, kernel) == \
+            ('triton' if kernel in GPU_VERIFIED else 'torch')
+    assert resolve_backend('auto', ('auto', 'torch', 'triton'), cuda, 'unknown_kernel') == 'torch'
+    with reference_only():
+        assert pick_backend(cuda, has_rpb=True, fused=True) == 'torch'
+        assert resolve_backend('auto', ('auto', 'torch', 'triton'), cuda, 'aggregated_window') == 'torch'
+
+
 @pytest.mark.parametrize('dtype', [torch.bfloat16, torch.float16])
 def test_dense_half_precision_matches_reference(dtype):
     q, k, v = (torch.randn(2, 2, 11, 12, 16).to(dtype) for _ in range(3))
