@@ -19,12 +19,14 @@ DEVICE = torch.device('cuda' if CUDA else 'cpu')
 FP32_TOL = dict(atol=1e-4, rtol=1e-4) if CUDA else dict(atol=1e-5, rtol=1e-5)
 
 # (B, heads, H, W, stride, block, halo, d_qk, d_v, scale_pos_embed, border): non-square maps, odd block (query
-# rows not a power of two), strided queries, head dims that are not powers of two, both border rules.
+# rows not a power of two), strided queries, head dims that are not powers of two, both border rules, a block
+# split into several query chunks.
 CASES = [
     (2, 2, 8, 12, 1, 4, 1, 6, 5, False, 'zeros'),
     (1, 2, 8, 8, 2, 4, 2, 4, 8, True, 'mask'),
     (1, 1, 6, 9, 1, 3, 1, 4, 4, False, 'mask'),
     (1, 1, 10, 5, 1, 5, 0, 3, 3, False, 'zeros'),
+    (1, 2, 18, 9, 1, 9, 1, 4, 3, False, 'mask'),  # 81 queries a block: two programs (MAX_QUERY_ROWS) share it
 ]
 if CUDA:
     CASES += [

@@ -14,7 +14,8 @@ __all__ = ['pick_backend', 'resolve_backend', 'GPU_VERIFIED', 'natten_available'
 
 # Kernels whose real-GPU parity and speed are recorded in benchmarks/RESULTS.md ("Triton kernels on GPU"):
 # checked against the reference forward and backward in fp32/fp16/bf16 and faster than it on an H100.
-# 'halo' is not listed: its HaloNet-H5 shape (14x14 blocks, 80-dim values) did not finish within 60 s there.
+# 'halo' is not listed: its HaloNet-H5 shape (14x14 blocks, 80-dim values) did not finish within 60 s there;
+# the kernel now splits large query blocks (halo_triton.MAX_QUERY_ROWS), which awaits its GPU run.
 GPU_VERIFIED = frozenset({'na2d', 'aggregated_window'})
 
 

@@ -8,13 +8,14 @@ factorised relative logits come in per-query, per-window-row/column form (comput
 Two `torch.library.custom_op`s in the `zoo` namespace (`halo_fwd`, `halo_bwd`) with fake kernels and autograd,
 so torch.compile and torch.export see single ops.
 
-Kernel design. One program per (batch * head, query block). It holds the block's (b/s)^2 queries (padded to a
-power of two >= 16 rows for tl.dot) and walks its (b + 2h)^2 window one key row at a time (a row padded to a
+Kernel design. One program per (batch * head, query block, chunk of at most MAX_QUERY_ROWS of the block's
+(b/s)^2 queries, padded to a power of two >= 16 rows for tl.dot); it walks its (b + 2h)^2 window one key row at a time (a row padded to a
 power of two >= 16 columns), with an online softmax; keys outside the map load as zeros and, in masked mode,
 are excluded. The relative logit of (query m, key (ky, kx)) is rel_h[m, ky] + rel_w[m, kx]: a column and a
 tile held in registers. The backward recomputes the probabilities from the forward's log-sum-exp; each program
-writes dq, d rel_h, d rel_w of its own block and dk, dv of its own window (no atomics); the overlapping
-windows are then summed onto the map with F.fold, the exact transpose of the reference's unfold.
+writes dq, d rel_h, d rel_w of its own queries and its chunk's share of dk, dv of the block's window (no
+atomics); the chunks' shares are summed and the overlapping windows then folded onto the map with F.fold, the
+exact transpose of the reference's unfold.
 """
 from typing import Tuple
 
@@ -30,9 +31,9 @@ __all__ = ['halo_attention_2d']
 
 
 @triton.jit
-def _block_queries(blk, n_w, Wq, BQ: tl.constexpr, BLOCK_M: tl.constexpr):
-    """Query rows of block `blk`: (m, token in the (Hq, Wq) map, live), each (BLOCK_M,)."""
-    m = tl.arange(0, BLOCK_M)
+def _block_queries(blk, chunk, n_w, Wq, BQ: tl.constexpr, BLOCK_M: tl.constexpr):
+    """Query rows of chunk `chunk` of block `blk`: (m, token in the (Hq, Wq) map, live), each (BLOCK_M,)."""
+    m = chunk * BLOCK_M + tl.arange(0, BLOCK_M)
     live = m < BQ * BQ
     m_safe = tl.where(live, m, 0)
     by = blk // n_w
@@ -71,16 +72,17 @@ def _row_logits(q, keys, rel_h_col, rel_w_tile, inside, slot, scale, MASKED: tl.
 
 @triton.jit
 def _halo_fwd_kernel(q_ptr, k_ptr, v_ptr, rel_h_ptr, rel_w_ptr, out_ptr, lse_ptr, H, W, Hq, Wq, n_w, n_blocks,
-                     block_size, halo_size, scale, BQ: tl.constexpr, WIN: tl.constexpr, QK_DIM: tl.constexpr,
+                     n_chunks, block_size, halo_size, scale, BQ: tl.constexpr, WIN: tl.constexpr, QK_DIM: tl.constexpr,
                      V_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_QK: tl.constexpr,
                      BLOCK_V: tl.constexpr, MASKED: tl.constexpr, PRECISION: tl.constexpr):
-    """out = softmax(logits) @ v for one query block; lse (natural log) per query."""
+    """out = softmax(logits) @ v for one chunk of a query block; lse (natural log) per query."""
     pid = tl.program_id(0)
-    bh = pid // n_blocks
-    blk = pid % n_blocks
+    chunk = pid % n_chunks
+    bh = pid // (n_blocks * n_chunks)
+    blk = (pid // n_chunks) % n_blocks
     by = blk // n_w
     bx = blk % n_w
-    m, q_tok, m_live = _block_queries(blk, n_w, Wq, BQ, BLOCK_M)
+    m, q_tok, m_live = _block_queries(blk, chunk, n_w, Wq, BQ, BLOCK_M)
     q_base = bh.to(tl.int64) * Hq * Wq
     kv_base = bh.to(tl.int64) * H * W
     rel_base = (bh.to(tl.int64) * n_blocks + blk) * (BQ * BQ * WIN)
@@ -113,25 +115,28 @@ def _halo_fwd_kernel(q_ptr, k_ptr, v_ptr, rel_h_ptr, rel_w_ptr, out_ptr, lse_ptr
 
 @triton.jit
 def _halo_bwd_kernel(q_ptr, k_ptr, v_ptr, rel_h_ptr, rel_w_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, dk_win_ptr,
-                     dv_win_ptr, drel_h_ptr, drel_w_ptr, H, W, Hq, Wq, n_w, n_blocks, block_size, halo_size, scale,
+                     dv_win_ptr, drel_h_ptr, drel_w_ptr, H, W, Hq, Wq, n_w, n_blocks, n_chunks, block_size, halo_size,
+                     scale,
                      BQ: tl.constexpr, WIN: tl.constexpr, QK_DIM: tl.constexpr, V_DIM: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_QK: tl.constexpr, BLOCK_V: tl.constexpr,
                      MASKED: tl.constexpr, PRECISION: tl.constexpr):
-    """Gradients of one block: dq, d rel_h, d rel_w, and dk / dv of its window (fp32 windows, summed later).
+    """Gradients of one query chunk of a block: dq, d rel_h, d rel_w, and the chunk's dk / dv of the block's window
+    (fp32, one window per chunk, summed later).
 
     With p recomputed from lse: dS = p * (dO.v - delta), delta = rowsum(dO * O); dq = scale * dS @ k,
     dk = scale * dS^T @ q, dv = p^T @ dO, d rel_h[m, ky] = sum_kx dS, d rel_w[m, kx] = sum_ky dS.
     """
     pid = tl.program_id(0)
-    bh = pid // n_blocks
-    blk = pid % n_blocks
+    chunk = pid % n_chunks
+    bh = pid // (n_blocks * n_chunks)
+    blk = (pid // n_chunks) % n_blocks
     by = blk // n_w
     bx = blk % n_w
-    m, q_tok, m_live = _block_queries(blk, n_w, Wq, BQ, BLOCK_M)
+    m, q_tok, m_live = _block_queries(blk, chunk, n_w, Wq, BQ, BLOCK_M)
     q_base = bh.to(tl.int64) * Hq * Wq
     kv_base = bh.to(tl.int64) * H * W
     rel_base = (bh.to(tl.int64) * n_blocks + blk) * (BQ * BQ * WIN)
-    win_base = (bh.to(tl.int64) * n_blocks + blk) * (WIN * WIN)
+    win_base = ((bh.to(tl.int64) * n_blocks + blk) * n_chunks + chunk) * (WIN * WIN)
     q = _load_rows(q_ptr + q_base * QK_DIM, q_tok, m_live, QK_DIM, BLOCK_QK)
     d_out = _load_rows(do_ptr + q_base * V_DIM, q_tok, m_live, V_DIM, BLOCK_V)
     lse = tl.load(lse_ptr + q_base + q_tok, mask=m_live, other=0.0)
@@ -174,20 +179,28 @@ def _halo_bwd_kernel(q_ptr, k_ptr, v_ptr, rel_h_ptr, rel_w_ptr, do_ptr, lse_ptr,
 # Launchers.
 # ----------------------------------------------------------------------------------------------
 
+# Query rows per program. A whole 14x14 block (196 rows, padded to 256) with 80-dim values (padded to 128) would
+# hold a 256x128 fp32 accumulator per program, far past the register file: on an H100 that configuration did not
+# finish within a minute. Larger blocks are split into chunks of this many rows, each walking the whole window.
+MAX_QUERY_ROWS = 64
+
+
 def _launch(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, block_size: int, halo_size: int,
             masked: bool) -> Tuple[Tuple[int], dict]:
-    """Grid (one program per batch * head * block) and the shared arguments of both kernels."""
+    """Grid (one program per batch * head * block * query chunk) and the shared arguments of both kernels."""
     batch, heads, q_height, q_width, qk_dim = query.shape
     height, width = key.shape[2:4]
     block_q = block_size * q_height // height
     win = block_size + 2 * halo_size
     n_w = width // block_size
     n_blocks = (height // block_size) * n_w
-    meta = dict(H=height, W=width, Hq=q_height, Wq=q_width, n_w=n_w, n_blocks=n_blocks, block_size=block_size,
-                halo_size=halo_size, BQ=block_q, WIN=win, QK_DIM=qk_dim, V_DIM=value.shape[-1],
-                BLOCK_M=_block_dim(block_q * block_q), BLOCK_W=_block_dim(win), BLOCK_QK=_block_dim(qk_dim),
+    rows = min(_block_dim(block_q * block_q), MAX_QUERY_ROWS)
+    n_chunks = triton.cdiv(block_q * block_q, rows)
+    meta = dict(H=height, W=width, Hq=q_height, Wq=q_width, n_w=n_w, n_blocks=n_blocks, n_chunks=n_chunks,
+                block_size=block_size, halo_size=halo_size, BQ=block_q, WIN=win, QK_DIM=qk_dim,
+                V_DIM=value.shape[-1], BLOCK_M=rows, BLOCK_W=_block_dim(win), BLOCK_QK=_block_dim(qk_dim),
                 BLOCK_V=_block_dim(value.shape[-1]), MASKED=masked, PRECISION=_precision(query.dtype))
-    return (batch * heads * n_blocks,), meta
+    return (batch * heads * n_blocks * n_chunks,), meta
 
 
 def _forward(query, key, value, rel_h, rel_w, block_size, halo_size, scale, masked):
@@ -223,7 +236,7 @@ def _backward(grad_out, query, key, value, rel_h, rel_w, out, lse, block_size, h
     delta = (grad_out.float() * out.float()).sum(-1)
     grid, meta = _launch(query, key, value, block_size, halo_size, masked)
     win = meta['WIN']
-    window_shape = (*query.shape[:2], meta['n_blocks'], win, win)
+    window_shape = (*query.shape[:2], meta['n_blocks'], meta['n_chunks'], win, win)
     dk_win = query.new_zeros(*window_shape, query.shape[-1], dtype=torch.float32)
     dv_win = query.new_zeros(*window_shape, value.shape[-1], dtype=torch.float32)
     grad_query = query.new_empty(query.shape)
@@ -233,8 +246,8 @@ def _backward(grad_out, query, key, value, rel_h, rel_w, out, lse, block_size, h
         _halo_bwd_kernel[grid](query, key, value, rel_h, rel_w, grad_out, lse, delta, grad_query, dk_win, dv_win,
                                grad_rel_h, grad_rel_w, scale=scale, **meta)
     height, width = key.shape[2:4]
-    grad_key = _fold_windows(dk_win, height, width, block_size, halo_size).to(key.dtype)
-    grad_value = _fold_windows(dv_win, height, width, block_size, halo_size).to(value.dtype)
+    grad_key = _fold_windows(dk_win.sum(3), height, width, block_size, halo_size).to(key.dtype)
+    grad_value = _fold_windows(dv_win.sum(3), height, width, block_size, halo_size).to(value.dtype)
     return grad_query, grad_key, grad_value, grad_rel_h.to(rel_h.dtype), grad_rel_w.to(rel_w.dtype)
 
 
