@@ -173,6 +173,16 @@ def test_feature_channels_are_the_official_neck_inputs(variant, channels):
     assert model.feature_info.reduction() == [4, 8, 16, 32]
 
 
+def test_features_only_has_no_classifier_parameters():
+    """Every parameter of the feature extractor feeds the features (the head projection and the auxiliary
+    classifier are pruned), so DDP without find_unused_parameters and weight decay see only the backbone."""
+    torch.manual_seed(0)
+    model = timm.create_model('overlock_xt', features_only=True)
+    sum(f.square().mean() for f in model(torch.randn(1, 3, 64, 64))).backward()
+    assert [name for name, p in model.named_parameters() if p.grad is None] == []
+    assert not any(name.startswith(('model.head', 'model.aux_head')) for name, _ in model.named_parameters())
+
+
 def _case(name: str):
     path = fixtures_path() / 'overlock' / f'{name}.json'
     fixtures_root()

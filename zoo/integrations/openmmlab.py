@@ -168,8 +168,7 @@ class _OverLoCKBackbone(_FixedVariantBackbone):
     def __init__(self, pretrained: Optional[str] = None, context_proj: bool = False, norm_eval: bool = False,
                  init_cfg: Optional[dict] = None, **model_kwargs):
         super().__init__(pretrained, norm_eval, init_cfg, **model_kwargs)
-        inner = self._inner_model()
-        del inner.head, inner.aux_head  # the official downstream backbone deletes both
+        inner = self._inner_model()  # features_only already pruned the classification heads, as the official one
         norms = [LayerNorm2d(c, eps=1e-6) for c in self.out_channels]
         self.context_proj = context_proj
         if context_proj:

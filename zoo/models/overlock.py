@@ -427,6 +427,10 @@ class OverLoCK(nn.Module):
                     delattr(self, name)
         self.num_levels = max_index + 1
         if prune_head:
+            # the head's 1x1 projection, its BN and the auxiliary classifier only serve the logits
+            self.head[0], self.head[1], self.head[2] = nn.Identity(), nn.Identity(), nn.Identity()
+            if hasattr(self, 'aux_head'):
+                del self.aux_head
             self.reset_classifier(0, '')
         return take_indices
 
