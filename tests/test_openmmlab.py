@@ -240,6 +240,34 @@ def test_norm_eval_keeps_batchnorm_in_eval_mode():
     assert backbone.body.training
 
 
+@pytest.mark.parametrize('cfg,frozen_stages,frozen_tops', [
+    (dict(type='NAT', **NAT_TINY), 0, ['model.patch_embed']),
+    (dict(type='NAT', **NAT_TINY), 2, ['model.patch_embed', 'model.levels.0', 'model.levels.1']),
+    # stage 2's output (sub_blocks3) needs the overview net (blocks4, high_level_proj): they freeze with it
+    (dict(type='overlock_xt', **OVERLOCK_TINY), 3, ['model.patch_embed1', 'model.blocks1', 'model.patch_embed2',
+                                                    'model.blocks2', 'model.patch_embed3', 'model.blocks3',
+                                                    'model.patch_embed4', 'model.blocks4', 'model.high_level_proj',
+                                                    'model.sub_blocks3']),
+    (dict(type='ZooBackbone', model_name='resnet18'), 2, ['conv1', 'bn1', 'layer1']),  # five timm stages (act1 first)
+])
+def test_frozen_stages_freeze_the_stem_and_first_stages(cfg, frozen_stages, frozen_tops):
+    """OpenMMLab's frozen_stages: no gradient and eval mode for the stem and stages 0..k-1, the rest trains."""
+    backbone = MODELS.build(dict(cfg, frozen_stages=frozen_stages))
+    backbone.train()
+    sum(f.mean() for f in backbone(torch.randn(2, 3, 64, 64))).backward()
+    for name, param in backbone.body.named_parameters():
+        frozen = any(name == top or name.startswith(top + '.') for top in frozen_tops)
+        assert param.requires_grad != frozen and (param.grad is None) == frozen, name
+    modules = dict(backbone.body.named_modules())
+    assert not any(modules[top].training for top in frozen_tops) and backbone.body.training
+
+
+@pytest.mark.parametrize('frozen_stages', [-2, 5, 1.0])
+def test_frozen_stages_out_of_range_is_a_value_error(frozen_stages):
+    with pytest.raises(ValueError, match='frozen_stages'):
+        MODELS.build(dict(type='NAT', frozen_stages=frozen_stages, **NAT_TINY))
+
+
 @pytest.mark.parametrize('bad,match', [
     (torch.randn(1, 4, 64, 64), r'\(B, 3, H, W\)'),
     (torch.randn(3, 64, 64), 'shape'),

@@ -34,6 +34,41 @@ def _check_out_indices(out_indices: Sequence[int]) -> Tuple[int, ...]:
     return indices
 
 
+def _frozen_modules(body: nn.Module, frozen_stages: int) -> List[str]:
+    """Names (in `body`) of the largest modules made only of frozen parameters, for OpenMMLab's frozen_stages:
+    -1 freezes nothing, 0 the stem, k the stem and stages 0..k-1.
+
+    A stage is every module registered up to the end of the module that gives that stage's output
+    (`feature_info`), so what a stage depends on (its downsampler, OverLoCK's overview net before its focus stage)
+    freezes with it; the stem is what comes before the first stage's module. Models register their modules in the
+    order they run, which is what makes registration order a stage boundary.
+    """
+    stages = len(body.feature_info)
+    if isinstance(frozen_stages, bool) or not isinstance(frozen_stages, int) or not -1 <= frozen_stages <= stages:
+        raise ValueError(f'frozen_stages must be an int in [-1, {stages}], got {frozen_stages!r}')
+    if frozen_stages < 0:
+        return []
+    inner = 'model.' if hasattr(body, 'model') else ''
+    # timm's hook-less FeatureListNet flattens 'stages.0' into the child name 'stages_0'
+    stage_modules = [inner + (m if inner else m.replace('.', '_')) for m in body.feature_info.module_name()]
+    order = {name: i for i, (name, _) in enumerate(body.named_modules())}
+    stage = stage_modules[max(frozen_stages - 1, 0)]
+    if frozen_stages == 0:
+        cut = order[stage]  # modules before the first stage's module
+    else:
+        cut = 1 + max(i for name, i in order.items() if name == stage or name.startswith(stage + '.'))
+    frozen = {name for name, _ in body.named_parameters() if order[name.rpartition('.')[0]] < cut}
+
+    def all_frozen(module: nn.Module, name: str) -> bool:
+        names = [n for n, _ in module.named_parameters(prefix=name)]
+        return bool(names) and all(n in frozen for n in names)
+    largest = []
+    for name, module in body.named_modules():
+        if name and all_frozen(module, name) and not any(name.startswith(top + '.') for top in largest):
+            largest.append(name)
+    return largest
+
+
 @MODELS.register_module()
 class ZooBackbone(BaseModule):
     """Any timm-registered model as an OpenMMLab backbone: images -> tuple of NCHW maps, one per `out_indices`.
@@ -45,12 +80,14 @@ class ZooBackbone(BaseModule):
             `checkpoint_filter_fn` with strict key matching; use `init_cfg` with `prefix='backbone.'` for a
             full mmdet/mmseg checkpoint instead.
         norm_eval: keep BatchNorm layers in eval mode while training (OpenMMLab's convention).
+        frozen_stages: -1 trains everything; 0 freezes the stem; k the stem and stages 0..k-1 (no gradients,
+            kept in eval mode).
         init_cfg: mmengine init config.
         **model_kwargs: constructor arguments of the model (drop_path_rate, official architecture names, ...).
     """
 
     def __init__(self, model_name: str, out_indices: Sequence[int] = (0, 1, 2, 3), pretrained: Optional[str] = None,
-                 norm_eval: bool = False, init_cfg: Optional[dict] = None, **model_kwargs):
+                 norm_eval: bool = False, init_cfg: Optional[dict] = None, frozen_stages: int = -1, **model_kwargs):
         if pretrained is not None and init_cfg is not None:
             raise ValueError('give either pretrained (a classification checkpoint) or init_cfg, not both')
         super().__init__(init_cfg)
@@ -67,6 +104,10 @@ class ZooBackbone(BaseModule):
         # timm's getter wrapper keeps the model under `.model`: official keys live below that prefix here.
         self._body_prefix = 'body.model.' if hasattr(self.body, 'model') else 'body.'
         self._register_load_state_dict_pre_hook(self._from_official_layout)
+        self._frozen = [self.body.get_submodule(name) for name in _frozen_modules(self.body, frozen_stages)]
+        for module in self._frozen:
+            module.requires_grad_(False)
+        self.train(self.training)
         if pretrained is not None:
             self._is_init = True  # weights are loaded: mmengine's init_weights must not overwrite them
 
@@ -103,8 +144,10 @@ class ZooBackbone(BaseModule):
         return tuple(feats)
 
     def train(self, mode: bool = True) -> 'ZooBackbone':
-        """Train mode, except BatchNorm layers stay in eval mode when `norm_eval` is set."""
+        """Train mode, except frozen stages, and BatchNorm layers when `norm_eval` is set, stay in eval mode."""
         super().train(mode)
+        for module in self._frozen if mode else ():
+            module.eval()
         if mode and self.norm_eval:
             for module in self.modules():
                 if isinstance(module, nn.modules.batchnorm._BatchNorm):
