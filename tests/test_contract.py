@@ -124,6 +124,18 @@ def test_features_only_matches_forward_intermediates(name):
         torch.testing.assert_close(out, expected)
 
 
+@pytest.mark.parametrize('name', FAMILY_REPRESENTATIVES)
+def test_features_only_trains_every_parameter(request, name):
+    """A feature extractor holds only what its features use: no classifier or head leftovers, which DDP without
+    find_unused_parameters rejects and weight decay would silently shrink."""
+    declared(request, name, 'features_backward')
+    features = build(name, features_only=True).train()
+    x = torch.randn(2, 3, 64, 64) if not features.pretrained_cfg.get('fixed_input_size') else input_for(features)
+    sum(f.float().square().mean() for f in features(x)).backward()
+    missing = [n for n, p in features.named_parameters() if p.requires_grad and p.grad is None]
+    assert not missing, f'features_only parameters without gradient: {missing}'
+
+
 @pytest.mark.parametrize('name', ALL_MODELS)
 def test_forward_intermediates_options(name):
     model = build(name).eval()

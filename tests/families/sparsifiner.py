@@ -19,6 +19,8 @@ REPRESENTATIVES = ['sparsifiner_deit_small', 'sparsifiner_lvvit_small']
 EXCEPTIONS = {
     ('sparsifiner_*', 'backward'): 'the connectivity mask is detached (official): the task loss gives the predictor '
                                    'no gradient; it is trained only by the teacher-attention loss (phase 1)',
+    ('sparsifiner_*', 'features_backward'): 'as for backward: features give the detached connectivity predictor no '
+                                            'gradient (it learns from the teacher-attention loss only)',
 }
 
 # Folders of ../shared/fixtures whose model cases and key manifests this family must reproduce.

@@ -252,10 +252,11 @@ class HaloNet(nn.Module):
 
     def prune_intermediate_layers(self, indices: Union[int, List[int]] = 1, prune_norm: bool = False,
                                   prune_head: bool = True) -> List[int]:
-        """Drop the stages after the last requested one (and the final conv); returns absolute indices."""
+        """Drop the stages after the last requested one, and the final conv, which only feeds the head (the
+        features are the stage outputs); returns absolute indices."""
         take_indices, max_index = feature_take_indices(len(self.stages), indices)
         self.stages = self.stages[:max_index + 1]
-        if max_index < 3:
+        if max_index < 3 or prune_head:
             self.final_conv = nn.Identity()
         if prune_head:
             self.reset_classifier(0, '')
