@@ -209,3 +209,18 @@ def test_quickstart_learns_the_shapes_well_above_chance(tmp_path):
     0.7 among 11 classes, mIoU ~ 6; the run measured 35.3 (24 after 3 of its 8 epochs)."""
     metrics = segmentation.train(load_recipe(QUICKSTART), str(tmp_path / 'run'))
     assert metrics['val_mIoU'] > 25
+
+
+def test_backbone_position_biases_get_no_weight_decay():
+    """The optimizer exempts the backbone's no_weight_decay() parameters (NAT's rpb), as the official
+    downstream configs do, besides timm's 1-d exemption; the other weights decay."""
+    from zoo.tasks.engine import create_optimizer
+    recipe = load_recipe(REPO / 'recipes/segmentation/quickstart.yaml')
+    model = build_segmenter('nat_mini', 3, arch='fpn', model_kwargs=tiny_kwargs('nat_mini'))
+    optimizer = create_optimizer(model, recipe, world_size=1)
+    decay_of = {id(p): group['weight_decay'] for group in optimizer.param_groups for p in group['params']}
+    named = dict(model.named_parameters())
+    rpb = [name for name in named if name.endswith('rpb')]
+    assert rpb and all(decay_of[id(named[name])] == 0 for name in rpb)
+    assert recipe.optim.weight_decay > 0
+    assert decay_of[id(named['net.encoder.model.model.levels.0.blocks.0.attn.qkv.weight'])] == recipe.optim.weight_decay

@@ -14,7 +14,7 @@ import math
 import sys
 from collections import OrderedDict
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Set, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import pytorch_lightning as pl
@@ -35,8 +35,8 @@ from torchvision.ops.feature_pyramid_network import LastLevelMaxPool, LastLevelP
 import zoo  # noqa: F401  (registers the zoo's models)
 from zoo.data.coco import CocoInstances, detection_collate, shapes_coco
 from zoo.recipes import Recipe
-from zoo.tasks.engine import (atomic_write_bytes, build_trainer, check_finite_loss, create_optimizer, create_scheduler,
-                              prepare_run_dir, ScheduledModule, write_metrics)
+from zoo.tasks.engine import (atomic_write_bytes, backbone_no_weight_decay, build_trainer, check_finite_loss,
+                              create_optimizer, create_scheduler, prepare_run_dir, ScheduledModule, write_metrics)
 
 __all__ = ['ARCHS', 'HeadConfig', 'FeaturePyramidBackbone', 'load_backbone_weights', 'build_detector',
            'validate_images', 'coco_evaluate', 'evaluate', 'DetectionModule', 'build_datasets', 'train',
@@ -317,7 +317,7 @@ class DetectionModule(ScheduledModule):
         # no decay on 1-d tensors (biases, norms) and on the backbone's own no_weight_decay() names (position
         # biases, tokens), as the official downstream configs exempt them
         groups = param_groups_weight_decay(self.detector, self.recipe.optim.weight_decay,
-                                           _no_weight_decay_names(self.detector))
+                                           backbone_no_weight_decay(self.detector.backbone.body, 'backbone.body.'))
         world_size = self.trainer.world_size if self._trainer is not None else 1
         optimizer = create_optimizer(groups, self.recipe, world_size, weight_decay=0.0)
         self.scheduler = create_scheduler(optimizer, self.recipe, self.updates_per_epoch)
@@ -353,15 +353,6 @@ class DetectionModule(ScheduledModule):
         # each process scores its own share of the validation images (exact on one device)
         metrics = _metrics(self.val_set, self._outputs, self._image_ids)
         self.log_dict({f'val_{k}': v for k, v in metrics.items()}, prog_bar=True)
-
-
-def _no_weight_decay_names(detector: nn.Module) -> Set[str]:
-    """The backbone model's `no_weight_decay()` names, as parameter names of the whole detector."""
-    body = detector.backbone.body
-    model = getattr(body, 'model', body)
-    names = model.no_weight_decay() if hasattr(model, 'no_weight_decay') else ()
-    prefix = 'backbone.body.model.' if model is not body else 'backbone.body.'
-    return {prefix + name for name in names}
 
 
 def _norm(recipe: Recipe) -> Dict[str, Tuple[float, ...]]:

@@ -131,6 +131,15 @@ def write_metrics(out: Path, metrics: Dict[str, float]) -> Path:
     return path
 
 
+def backbone_no_weight_decay(body: torch.nn.Module, prefix: str) -> set:
+    """A features_only backbone's own `no_weight_decay()` names (position biases, tokens), as names under `prefix`
+    in the task model that holds it (timm's getter wrapper keeps the model as `.model`)."""
+    model = getattr(body, 'model', body)
+    names = model.no_weight_decay() if hasattr(model, 'no_weight_decay') else ()
+    prefix = prefix + 'model.' if model is not body else prefix
+    return {prefix + name for name in names}
+
+
 def create_optimizer(params, recipe: Recipe, world_size: int, **overrides) -> torch.optim.Optimizer:
     """timm's optimizer from the recipe's `optim` (`params`: a model or parameter groups); the lr is scaled linearly
     to the global batch when `optim.lr_base_size` is set. `overrides` replace create_optimizer_v2 arguments."""

@@ -26,8 +26,8 @@ import zoo  # noqa: F401  (registers the zoo's models)
 from zoo.data.segmentation import MaskFolder, SegTransform, ShapesSegmentation, ade20k_folders
 from zoo.manifest import verify_listed_checkpoint
 from zoo.recipes import Recipe
-from zoo.tasks.engine import (build_trainer, check_finite_loss, create_optimizer, create_scheduler, prepare_run_dir,
-                              ScheduledModule, write_metrics)
+from zoo.tasks.engine import (backbone_no_weight_decay, build_trainer, check_finite_loss, create_optimizer,
+                              create_scheduler, prepare_run_dir, ScheduledModule, write_metrics)
 
 __all__ = ['ARCHITECTURES', 'Segmenter', 'build_segmenter', 'decoder_arguments', 'check_batch', 'confusion_matrix',
            'segmentation_metrics', 'build_datasets', 'SegmentationModule', 'train', 'evaluate']
@@ -56,6 +56,11 @@ class Segmenter(nn.Module):
             raise ValueError(f'training a segmenter needs a batch of at least 2 images, got {images.shape[0]} '
                              f'(call .eval() for single-image inference)')
         return self.net(images)
+
+    @torch.jit.ignore
+    def no_weight_decay(self) -> set:
+        """The backbone's exempt parameters (e.g. NAT rpb), as the official downstream configs exempt them."""
+        return backbone_no_weight_decay(self.net.encoder.model, 'net.encoder.model.')
 
 
 def build_segmenter(model_name: str, num_classes: int, arch: str = 'upernet', model_kwargs: Optional[Dict] = None,
