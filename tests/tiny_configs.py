@@ -44,4 +44,5 @@ def exception_for(name: str, check: str):
     return None
 
 
-ALL_MODELS = zoo.list_models()
+# codecs (zoo.models.list_codecs) have their own tests; the classifier contract covers the rest
+ALL_MODELS = [name for name in zoo.list_models() if name not in set(zoo.models.list_codecs())]

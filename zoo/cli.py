@@ -116,8 +116,36 @@ def _eval_segmentation(args: argparse.Namespace) -> dict:
     return evaluate(load_recipe(recipe_path, overrides), args.checkpoint, args.batch_size, args.workers)
 
 
+def _eval_compression(args: argparse.Namespace) -> None:
+    """Rate-distortion evaluation of codec checkpoints (one per quality) against a baseline and Pillow's classic
+    codecs on a folder of images; writes --json (CompressAI-format curves, BD-rates vs --anchor) and --plot itself
+    and prints a summary table, so it returns None."""
+    if not args.checkpoint:
+        raise ValueError('--task compression needs --checkpoint FILE (one per quality, repeatable)')
+    if not args.data:
+        raise ValueError('--task compression needs --data DIR (a folder of held-out images)')
+    if not args.json:
+        raise ValueError('--task compression needs --json OUT (the results; curves are also written beside it)')
+    from zoo.tasks.rate_distortion import evaluate, format_summary
+    summary = evaluate(args.model or [], args.checkpoint, args.data, args.json, plot_path=args.plot,
+                       anchor=args.anchor, classic=args.classic, baseline_checkpoints=args.baseline_checkpoint)
+    print(format_summary(summary))
+    print(f'results: {args.json}' + (f', plot: {args.plot}' if args.plot else ''))
+
+
+def _single(values: Optional[List[str]], flag: str) -> Optional[str]:
+    """A flag given at most once (only --task compression takes several --model / --checkpoint)."""
+    if values and len(values) > 1:
+        raise ValueError(f'{flag} takes one value for this task, got {values}')
+    return values[0] if values else None
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
+    if args.task != 'compression':
+        args.model, args.checkpoint = _single(args.model, '--model'), _single(args.checkpoint, '--checkpoint')
     metrics = _TASK_EVAL[args.task](args)
+    if metrics is None:  # the task wrote its own outputs
+        return 0
     print(json.dumps(metrics, indent=1))
     if args.json:
         Path(args.json).write_text(json.dumps(metrics, indent=1) + '\n')
@@ -145,7 +173,7 @@ def _eval_classification(args: argparse.Namespace) -> dict:
 
 
 _TASK_EVAL = {'classification': _eval_classification, 'detection': _eval_detection,
-              'segmentation': _eval_segmentation}
+              'segmentation': _eval_segmentation, 'compression': _eval_compression}
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
@@ -216,14 +244,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser('eval', help='metrics of a trained model: top-1 / top-5 (classification, an ImageFolder or the '
-                                    'shapes set), COCO mAP (detection), mIoU (segmentation)')
+                                    'shapes set), COCO mAP (detection), mIoU (segmentation), rate-distortion '
+                                    '(compression)')
     p.add_argument('--task', default='classification', choices=sorted(_TASK_EVAL))
     p.add_argument('--ann-file', default=None, help='COCO json of the images in --data (detection)')
-    p.add_argument('--model', default=None, help='registered model name (not needed for a model folder)')
-    p.add_argument('--checkpoint', default=None, help='weights file (official or ours) or a model folder')
+    p.add_argument('--model', action='extend', nargs='+', default=None,
+                   help='registered model name (not needed for a model folder); compression: the model of each RD '
+                        'curve (repeatable; default: read from the checkpoints)')
+    p.add_argument('--checkpoint', action='extend', nargs='+', default=None,
+                   help='weights file (official or ours) or a model folder; compression: codec checkpoints, one per '
+                        'quality (repeatable)')
     p.add_argument('--data', default=None,
                    help="classification: ImageFolder root (class sub-folders) or 'shapes'; detection: the image "
-                        "folder; segmentation: replaces the recipe's data.root")
+                        "folder; segmentation: replaces the recipe's data.root; compression: folder of images")
+    p.add_argument('--baseline-checkpoint', action='extend', nargs='+', default=[],
+                   help='compression: checkpoints of the baseline codec (e.g. compressai:bmshj2018-hyperprior '
+                        'trained with the same recipe), one per quality')
+    p.add_argument('--anchor', default='jpeg',
+                   help='compression: the curve BD-rates are reported against (a classic codec or a model name)')
+    p.add_argument('--classic', nargs='*', default=['jpeg', 'webp', 'avif', 'jpeg2000'],
+                   help='compression: Pillow codecs measured on the same images (none: --classic with no value)')
+    p.add_argument('--plot', default=None, help='compression: write the RD plot to this PNG')
     p.add_argument('--recipe', default=None, help="segmentation: the run's recipe.yaml (default: beside --checkpoint)")
     p.add_argument('--num-classes', type=int, default=None)
     p.add_argument('--shapes-size', type=int, default=1000, help='images in the shapes validation split')

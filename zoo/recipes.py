@@ -3,8 +3,13 @@
 A recipe has the top-level sections below. `base:` names a parent recipe (relative to the file) whose
 values the child overrides key by key; `overrides` (the command line's `--set a.b=value`) override both.
 Every key is checked: an unknown or mistyped key is an error naming the key, the file and the allowed keys.
-Keys of `model:` other than `name`, `checkpoint` and `pretrained` are constructor arguments of the model and
-are checked against its constructor's signature.
+Keys of `model:` other than `name`, `checkpoint`, `pretrained` and `quality` are constructor arguments of the
+model and are checked against its constructor's signature (for compression recipes, `compressai:<zoo name>` models
+are checked against the CompressAI architecture's constructor).
+
+Compression recipes (task: compression) also use `model.quality` (one quality index, or a list: one run per
+quality), `loss.metric` (mse | ms-ssim), `loss.lmbda` (default: the quality's lambda) and `optim.aux_lr` (the
+EntropyBottleneck quantiles' own optimizer); they train in fp32 without gradient accumulation.
 """
 import dataclasses
 import inspect
@@ -46,6 +51,7 @@ class ModelSection:
     name: str = ''
     checkpoint: Optional[str] = None
     pretrained: bool = False
+    quality: Optional[Union[int, List[int]]] = None  # compression only: the rate point(s) to train
     kwargs: Dict[str, Any] = field(default_factory=dict)
 
 
@@ -79,6 +85,7 @@ class OptimSection:
     momentum: float = 0.9
     eps: Optional[float] = None
     betas: Optional[List[float]] = None
+    aux_lr: float = 1e-3  # compression: Adam lr of the EntropyBottleneck quantiles (CompressAI examples/train.py)
 
 
 @dataclass
@@ -115,6 +122,7 @@ class LossSection:
     distill: Optional[Dict[str, Any]] = None
     aux_weight: Optional[float] = None
     lmbda: Optional[float] = None
+    metric: str = 'mse'  # compression distortion: mse | ms-ssim
 
 
 @dataclass
@@ -161,7 +169,8 @@ class Recipe:
     path: Optional[str] = None
 
 
-_MODEL_RESERVED = ('name', 'checkpoint', 'pretrained')
+_MODEL_RESERVED = ('name', 'checkpoint', 'pretrained', 'quality')
+COMPRESSION_METRICS = ('mse', 'ms-ssim')
 
 
 def _type_ok(value: Any, annotation: Any) -> bool:
@@ -221,12 +230,32 @@ def constructor_arguments(model_name: str) -> Sequence[str]:
     import torch
 
     import zoo  # noqa: F401  (registers the zoo's models)
+    if model_name.startswith('compressai:'):
+        from zoo.tasks.compression import compressai_architecture
+        try:
+            params = inspect.signature(compressai_architecture(model_name).__init__).parameters
+        except ValueError as err:
+            raise RecipeError(str(err)) from None
+        return sorted(set(params) - {'self', 'args', 'kwargs'})
     if not timm.is_model(model_name):
         raise RecipeError(f'unknown model `{model_name}` (see `zoo list`)')
     with torch.device('meta'):
         model_cls = type(timm.create_model(model_name))
-    params = inspect.signature(model_cls.__init__).parameters
-    return sorted(set(params) - {'self', 'args', 'kwargs'} | {'features_only', 'out_indices', 'pretrained_cfg_overlay'})
+    return sorted(_init_arguments(model_cls) | {'features_only', 'out_indices', 'pretrained_cfg_overlay'})
+
+
+def _init_arguments(cls: type) -> set:
+    """Named constructor arguments of `cls`, following `**kwargs` into the base classes' constructors (a variant
+    such as DiNATs that only changes defaults forwards the rest to its parent)."""
+    names = set()
+    for klass in cls.__mro__:
+        if '__init__' not in vars(klass) or klass is object:
+            continue
+        params = inspect.signature(klass.__init__).parameters
+        names |= {n for n, p in params.items() if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)} - {'self'}
+        if not any(p.kind is p.VAR_KEYWORD for p in params.values()):
+            break
+    return names
 
 
 def check_model_kwargs(section: ModelSection, source: str) -> None:
@@ -239,6 +268,30 @@ def check_model_kwargs(section: ModelSection, source: str) -> None:
         if key not in allowed:
             raise RecipeError(f'{source}: unknown key `model.{key}` for {section.name}; allowed: '
                               f'{", ".join(list(_MODEL_RESERVED) + list(allowed))}')
+
+
+def _check_task_keys(recipe: Recipe, source: str) -> None:
+    """Keys whose meaning depends on the task: `model.quality` and the compression constraints."""
+    quality = recipe.model.quality
+    if recipe.task != 'compression':
+        if quality is not None:
+            raise RecipeError(f'{source}: `model.quality` is only for compression recipes (task: {recipe.task})')
+        return
+    qualities = quality if isinstance(quality, list) else [quality]
+    if quality is not None and (not qualities or any(not 0 <= q <= 255 for q in qualities)):
+        raise RecipeError(f'{source}: `model.quality` must be an integer 0..255 or a non-empty list of them, got '
+                          f'{quality!r}')
+    if recipe.loss.metric not in COMPRESSION_METRICS:
+        raise RecipeError(f'{source}: `loss.metric` must be one of {", ".join(COMPRESSION_METRICS)}, got '
+                          f'{recipe.loss.metric!r}')
+    if (recipe.loss.lmbda is not None and recipe.loss.lmbda <= 0) or recipe.optim.aux_lr <= 0:
+        raise RecipeError(f'{source}: `loss.lmbda` and `optim.aux_lr` must be positive')
+    if recipe.trainer.accumulate != 1:
+        raise RecipeError(f'{source}: compression trains with two optimizers (manual optimization): '
+                          f'`trainer.accumulate` must be 1, got {recipe.trainer.accumulate}')
+    if recipe.trainer.precision not in ('32', '32-true'):
+        raise RecipeError(f'{source}: compression trains in fp32 (likelihoods underflow in half precision): '
+                          f'`trainer.precision` must be 32-true, got {recipe.trainer.precision!r}')
 
 
 def deep_merge(base: Dict, child: Dict) -> Dict:
@@ -320,7 +373,9 @@ def recipe_from_dict(tree: Dict, source: str, check_model: bool = True) -> Recip
     source_field = tree.get('source')
     if source_field is not None and not _type_ok(source_field, Union[str, List[str]]):
         raise RecipeError(f'{source}: `source` must be a string or a list of strings')
-    return Recipe(task=task, model=model, head=head, phases=phases, source=source_field, path=source, **sections)
+    recipe = Recipe(task=task, model=model, head=head, phases=phases, source=source_field, path=source, **sections)
+    _check_task_keys(recipe, source)
+    return recipe
 
 
 def load_recipe(path: Union[str, Path], overrides: Sequence[str] = (), check_model: bool = True) -> Recipe:
@@ -334,8 +389,9 @@ def recipe_to_dict(recipe: Recipe) -> Dict:
     """The resolved recipe as plain data, in the file format (model kwargs inline)."""
     out = dataclasses.asdict(recipe)
     model = out.pop('model')
+    quality = {'quality': model['quality']} if model['quality'] is not None else {}
     out['model'] = {'name': model['name'], 'checkpoint': model['checkpoint'], 'pretrained': model['pretrained'],
-                    **model['kwargs']}
+                    **quality, **model['kwargs']}
     out.pop('path')
     order = ['task', 'source', 'model', 'head', *(_SECTIONS), 'phases']
     return {key: out[key] for key in order if out.get(key) not in (None, {})}

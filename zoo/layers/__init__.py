@@ -6,3 +6,5 @@ from .grouped_query_attn import GroupedQueryAttention, grouped_query_attention, 
 from .neighborhood import na2d_rpb
 from .contmix import ContMix, DilatedReparamBlock, contmix_aggregate
 from .sparse_attn import ConnectivityPredictor, connectivity_mask, connectivity_topk, masked_attention, topk_sparse_attention
+from .swinv2 import PaddedSwinV2Block, ResidualSwinV2Block
+from .dense_enhance import DenseBlock, EnhancementBlock

@@ -21,3 +21,9 @@ def list_models(pattern: str = '*') -> List[str]:
     """Names of the models this package registers with timm, optionally filtered by a glob pattern."""
     names = sorted(name for module in FAMILY_MODULES for name in timm.list_models(module=module))
     return [name for name in names if fnmatch.fnmatch(name, pattern)]
+
+
+def list_codecs(pattern: str = '*') -> List[str]:
+    """Names of the registered zoo models that are image codecs (pretrained cfg `task == 'compression'`)."""
+    return [name for name in list_models(pattern)
+            if getattr(timm.models.get_pretrained_cfg(name), 'task', None) == 'compression']
