@@ -38,7 +38,7 @@ PHOTOS: Dict[str, tuple] = {
     'immunohistochemistry': ('ihc.png', 'train'),
 }
 SPLITS = ('train', 'test')
-IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg', '.ppm', '.bmp', '.tif', '.tiff', '.webp')
+IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg', '.ppm', '.pgm', '.bmp', '.tif', '.tiff', '.webp')
 
 
 def photo_names(split: str) -> List[str]:

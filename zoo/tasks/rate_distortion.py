@@ -20,6 +20,7 @@ from PIL import Image, features
 from PIL import __version__ as pillow_version
 from pytorch_msssim import ms_ssim
 
+from zoo.data.photos import image_files
 from zoo.layers.bitstream import compress_image, decompress_image, load_rgb, padded_input, reconstruct_image
 
 __all__ = ['psnr_uint8', 'ms_ssim_uint8', 'bits_per_pixel', 'load_images', 'CLASSIC_CODECS', 'classic_unavailable',
@@ -29,7 +30,6 @@ __all__ = ['psnr_uint8', 'ms_ssim_uint8', 'bits_per_pixel', 'load_images', 'CLAS
 
 # pytorch_msssim's 5-scale MS-SSIM with an 11-px window asserts min(H, W) > (11 - 1) * 2**4.
 MS_SSIM_MIN_SIDE = 161
-IMAGE_SUFFIXES = ('.png', '.jpg', '.jpeg', '.ppm', '.pgm', '.bmp', '.tif', '.tiff', '.webp')
 
 
 # ---------------------------------------------------------------------------------------------- metrics
@@ -80,12 +80,7 @@ def load_images(data_dir: str) -> Dict[str, torch.Tensor]:
     'convert'); an unreadable file is an error, since skipping it would silently change the test set.
     """
     root = Path(data_dir)
-    if not root.is_dir():
-        raise FileNotFoundError(f'image folder not found: {data_dir}')
-    paths = sorted(p for p in root.rglob('*') if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
-    if not paths:
-        raise FileNotFoundError(f'no images in {data_dir} ({", ".join(IMAGE_SUFFIXES)})')
-    return {str(path.relative_to(root)): load_rgb(path, mode='convert') for path in paths}
+    return {str(path.relative_to(root)): load_rgb(path, mode='convert') for path in image_files(root)}
 
 
 # ------------------------------------------------------------------------------------------ classic codecs
