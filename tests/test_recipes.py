@@ -85,3 +85,20 @@ def test_cli_dry_run_prints_resolved_recipe_and_fails_on_bad_key(tmp_path):
     result = subprocess.run([sys.executable, '-m', 'zoo.cli', 'train', str(bad), '--dry-run'],
                             capture_output=True, text=True, timeout=300)
     assert result.returncode != 0 and 'trainer.presicion' in result.stderr and str(bad) in result.stderr
+
+
+def test_sync_batchnorm_reaches_the_trainer(tmp_path):
+    """trainer.sync_batchnorm turns on Lightning's SyncBN layer sync (applied under DDP strategies only); the
+    official downstream bases set it, a single-device quickstart does not."""
+    from pytorch_lightning.plugins.layer_sync import TorchSyncBatchNorm
+
+    from zoo.tasks.engine import build_trainer
+    base = REPO / 'recipes' / 'segmentation' / 'quickstart.yaml'
+    assert load_recipe(REPO / 'recipes' / 'segmentation' / 'overlock' / 'upernet_overlock_t_ade20k.yaml').trainer \
+        .sync_batchnorm
+    for enabled in (False, True):
+        recipe = load_recipe(base, overrides=[f'trainer.sync_batchnorm={str(enabled).lower()}'])
+        trainer = build_trainer(recipe, tmp_path / str(enabled), monitor='val_mIoU')
+        assert isinstance(trainer._accelerator_connector._layer_sync, TorchSyncBatchNorm) == enabled
+    with pytest.raises(RecipeError, match='sync_batchnorm'):
+        load_recipe(base, overrides=['trainer.sync_batchnorm=sometimes'])

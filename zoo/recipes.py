@@ -136,6 +136,7 @@ class TrainerSection:
     ema_decay: float = 0.9998
     clip_grad: Optional[float] = None
     accumulate: int = 1
+    sync_batchnorm: bool = False  # BatchNorm statistics across processes (DDP); no effect on one device
     grad_checkpointing: bool = False
     seed: int = 42
     val_every: int = 1

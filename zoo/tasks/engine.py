@@ -112,6 +112,7 @@ def build_trainer(recipe: Recipe, out: Path, monitor: str, extra_callbacks: List
         precision=t.precision,
         gradient_clip_val=t.clip_grad,
         accumulate_grad_batches=t.accumulate,
+        sync_batchnorm=t.sync_batchnorm,
         check_val_every_n_epoch=t.val_every,
         callbacks=[*checkpoints, _Timer(), *extra_callbacks],
         logger=_loggers(recipe, out) or False,
