@@ -24,7 +24,7 @@ from zoo.manifest import verify_listed_checkpoint
 from zoo.recipes import Recipe
 from zoo.tasks.distill import DistillConfig, DistillLoss
 from zoo.tasks.engine import (build_trainer, check_finite_loss, create_optimizer, create_scheduler, prepare_run_dir,
-                              ScheduledModule, write_metrics)
+                              resume_checkpoint, ScheduledModule, write_metrics)
 from zoo.tasks.phases import train_phases
 
 __all__ = ['ClassificationModule', 'build_model', 'data_config', 'build_datasets', 'train', 'evaluate', 'predict',
@@ -246,10 +246,7 @@ def train(recipe: Recipe, output: str, resume: Optional[str] = None) -> Dict[str
     updates = max(1, math.ceil(len(train_loader) / recipe.trainer.accumulate))
     module = ClassificationModule(recipe, num_classes, updates, run_dir=out)
     trainer = build_trainer(recipe, out, monitor='val_top1')
-    if resume == 'last':
-        resume = str(out / 'checkpoints' / 'last.ckpt')
-    if resume and not Path(resume).is_file():
-        raise FileNotFoundError(f'no checkpoint to resume from at {resume}')
+    resume = resume_checkpoint(resume, out)
     trainer.fit(module, train_loader, val_loader, ckpt_path=resume, weights_only=True)  # never unpickle objects
     final = trainer.validate(module, val_loader, verbose=False)[0]
     metrics = {'val_top1': final['val_top1'], 'val_top5': final['val_top5'], 'val_loss': final['val_loss'],

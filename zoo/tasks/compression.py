@@ -44,8 +44,8 @@ from zoo.layers.bitstream import (compress_image, decompress_image, load_rgb, ma
 from zoo.recipes import Recipe
 from zoo.tasks import rate_distortion
 from zoo.tasks.rate_distortion import MS_SSIM_MIN_SIDE, estimated_bpp, psnr_uint8
-from zoo.tasks.engine import (atomic_write_bytes, build_trainer, check_finite_loss, create_optimizer,
-                              create_scheduler, prepare_run_dir, ScheduledModule, write_metrics)
+from zoo.tasks.engine import (atomic_write_bytes, build_trainer, check_finite_loss, create_optimizer, create_scheduler,
+                              prepare_run_dir, resume_checkpoint, ScheduledModule, write_metrics)
 
 __all__ = ['COMPRESSAI_PREFIX', 'LAMBDAS', 'CHECKPOINT_FORMAT', 'compressai_architecture', 'create_codec',
            'save_codec', 'load_codec', 'resolve_lambda', 'rate_distortion_loss',
@@ -350,10 +350,7 @@ def _train_quality(recipe: Recipe, output: str, resume: Optional[str]) -> Dict:
     # manual optimization clips inside training_step; Lightning refuses a Trainer-level clip value with it
     trainer = build_trainer(dataclasses.replace(recipe, trainer=dataclasses.replace(recipe.trainer, clip_grad=None)),
                             out, monitor='val_rd_score')
-    if resume == 'last':
-        resume = str(out / 'checkpoints' / 'last.ckpt')
-    if resume and not Path(resume).is_file():
-        raise FileNotFoundError(f'no checkpoint to resume from at {resume}')
+    resume = resume_checkpoint(resume, out)
     trainer.fit(module, train_loader, val_loader, ckpt_path=resume, weights_only=True)  # never unpickle objects
     logged = {key: float(value) for key, value in trainer.callback_metrics.items()}
     metrics = {'model': recipe.model.name, 'quality': quality, 'lmbda': lmbda, 'metric': recipe.loss.metric,

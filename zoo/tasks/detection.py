@@ -36,7 +36,8 @@ import zoo  # noqa: F401  (registers the zoo's models)
 from zoo.data.coco import CocoInstances, detection_collate, shapes_coco
 from zoo.recipes import Recipe
 from zoo.tasks.engine import (atomic_write_bytes, backbone_no_weight_decay, build_trainer, check_finite_loss,
-                              create_optimizer, create_scheduler, prepare_run_dir, ScheduledModule, write_metrics)
+                              create_optimizer, create_scheduler, prepare_run_dir, resume_checkpoint, ScheduledModule,
+                              write_metrics)
 
 __all__ = ['ARCHS', 'HeadConfig', 'FeaturePyramidBackbone', 'load_backbone_weights', 'build_detector',
            'validate_images', 'coco_evaluate', 'evaluate', 'DetectionModule', 'build_datasets', 'train',
@@ -444,10 +445,7 @@ def train(recipe: Recipe, output: str, resume: Optional[str] = None) -> Dict[str
     updates = max(1, math.ceil(len(train_loader) / recipe.trainer.accumulate))
     module = DetectionModule(recipe, train_set.num_classes, updates, val_set, run_dir=out)
     trainer = build_trainer(recipe, out, monitor='val_bbox_mAP')
-    if resume == 'last':
-        resume = str(out / 'checkpoints' / 'last.ckpt')
-    if resume and not Path(resume).is_file():
-        raise FileNotFoundError(f'no checkpoint to resume from at {resume}')
+    resume = resume_checkpoint(resume, out)
     trainer.fit(module, train_loader, val_loader, ckpt_path=resume, weights_only=True)
     final = trainer.validate(module, val_loader, verbose=False)[0]
     metrics = {k[len('val_'):]: v for k, v in final.items() if k.startswith('val_')}

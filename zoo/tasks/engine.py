@@ -132,6 +132,15 @@ def write_metrics(out: Path, metrics: Dict[str, float]) -> Path:
     return path
 
 
+def resume_checkpoint(resume: Optional[str], out: Path) -> Optional[str]:
+    """The checkpoint `zoo train --resume` names: 'last' is the run folder's last.ckpt; a missing file is an error."""
+    if resume == 'last':
+        resume = str(out / 'checkpoints' / 'last.ckpt')
+    if resume and not Path(resume).is_file():
+        raise FileNotFoundError(f'no checkpoint to resume from at {resume}')
+    return resume
+
+
 def backbone_no_weight_decay(body: torch.nn.Module, prefix: str) -> set:
     """A features_only backbone's own `no_weight_decay()` names (position biases, tokens), as names under `prefix`
     in the task model that holds it (timm's getter wrapper keeps the model as `.model`)."""

@@ -27,7 +27,7 @@ from zoo.data.segmentation import MaskFolder, SegTransform, ShapesSegmentation, 
 from zoo.manifest import verify_listed_checkpoint
 from zoo.recipes import Recipe
 from zoo.tasks.engine import (backbone_no_weight_decay, build_trainer, check_finite_loss, create_optimizer,
-                              create_scheduler, prepare_run_dir, ScheduledModule, write_metrics)
+                              create_scheduler, prepare_run_dir, resume_checkpoint, ScheduledModule, write_metrics)
 
 __all__ = ['ARCHITECTURES', 'Segmenter', 'build_segmenter', 'decoder_arguments', 'check_batch', 'confusion_matrix',
            'segmentation_metrics', 'build_datasets', 'SegmentationModule', 'train', 'evaluate']
@@ -292,10 +292,7 @@ def train(recipe: Recipe, output: str, resume: Optional[str] = None) -> Dict[str
     updates = max(1, math.ceil(len(train_loader) / recipe.trainer.accumulate))
     module = SegmentationModule(recipe, num_classes, updates, run_dir=out)
     trainer = build_trainer(recipe, out, monitor='val_mIoU')
-    if resume == 'last':
-        resume = str(out / 'checkpoints' / 'last.ckpt')
-    if resume and not Path(resume).is_file():
-        raise FileNotFoundError(f'no checkpoint to resume from at {resume}')
+    resume = resume_checkpoint(resume, out)
     trainer.fit(module, train_loader, val_loader, ckpt_path=resume, weights_only=True)
     final = trainer.validate(module, val_loader, verbose=False)[0]
     metrics = {'val_mIoU': final['val_mIoU'], 'val_mAcc': final['val_mAcc'], 'val_aAcc': final['val_aAcc'],
