@@ -150,6 +150,9 @@ def test_shipped_checkpoints_reproduce_their_manifest_metrics(entry, tmp_path):
     from zoo.manifest import MANIFEST_PATH
     folder = MANIFEST_PATH.parent / entry['path']
     out = tmp_path / 'eval.json'
+    if entry.get('task') == 'compression':
+        _check_codec_entry(entry, folder, out)
+        return
     result = _zoo('eval', '--checkpoint', str(folder), '--data', entry['eval']['data'], '--workers', '0',
                   '--json', str(out))
     assert result.returncode == 0, result.stderr
@@ -158,12 +161,41 @@ def test_shipped_checkpoints_reproduce_their_manifest_metrics(entry, tmp_path):
         assert measured[key] == entry['metrics'][key], key
 
 
+def _check_codec_entry(entry, folder, out):
+    """A shipped codec: real bitstreams of every quality on the held-out photos give the recorded RD points, and
+    the BD-rates against the classic codecs re-measured in the same run are the recorded ones. Bytes are exact on
+    one machine; the tolerances leave room for float differences between CPUs, far below the gaps between
+    points."""
+    from zoo.tasks.rate_distortion import CLASSIC_CODECS, classic_unavailable
+    checkpoints = [str(folder / name) for name in entry['files']]
+    classic = sorted(name for name in entry['bd_rate'] if name in CLASSIC_CODECS and not classic_unavailable(name))
+    assert 'jpeg' in classic
+    result = _zoo('eval', '--task', 'compression', '--model', entry['model'], '--checkpoint', *checkpoints,
+                  '--data', entry['eval']['data'], '--json', str(out), '--classic', *classic)
+    assert result.returncode == 0, result.stderr
+    summary = json.loads(out.read_text())
+    curve = next(c for c in summary['curves'] if c['name'] == entry['model'])
+    assert curve['quality'] == entry['metrics']['quality']
+    assert all(curve['decode_matches_forward'])
+    assert len(curve['per_image']) == entry['metrics']['images']
+    for key, tolerance in (('bpp', 1e-3), ('psnr-rgb', 0.02), ('ms-ssim-rgb', 1e-3)):
+        assert curve['results'][key] == pytest.approx(entry['metrics'][key], abs=tolerance), key
+    assert summary['bd_rate_pairwise'][entry['model']]['jpeg'] < 0  # a shipped codec beats JPEG at equal PSNR
+    for anchor in classic:
+        measured = summary['bd_rate_pairwise'][entry['model']][anchor]
+        assert measured == pytest.approx(entry['bd_rate'][anchor], abs=0.5), anchor
+
+
 def test_manifest_lists_trained_checkpoints_with_their_recipe_and_hash():
-    from zoo.manifest import MANIFEST_PATH
+    from zoo.manifest import MANIFEST_PATH, trained_files
     for entry in load_manifest()['trained']:
-        weights = MANIFEST_PATH.parent / entry['path'] / 'model.safetensors'
-        assert hashlib.sha256(weights.read_bytes()).hexdigest() == entry['sha256']
-        assert (MANIFEST_PATH.parents[1] / entry['recipe']).is_file()
+        files = trained_files(entry)
+        assert files, entry['name']
+        for name, digest in files.items():
+            weights = MANIFEST_PATH.parent / entry['path'] / name
+            assert hashlib.sha256(weights.read_bytes()).hexdigest() == digest, weights
+        recipes = entry['recipe'] if isinstance(entry['recipe'], list) else [entry['recipe']]
+        assert all((MANIFEST_PATH.parents[1] / recipe).is_file() for recipe in recipes)
 
 
 def _listing(monkeypatch, tmp_path, official=(), trained=()):
@@ -206,6 +238,18 @@ def test_listed_trained_folder_is_checked_by_location(monkeypatch, tmp_path):
     elsewhere.mkdir()
     (elsewhere / 'model.safetensors').write_bytes(b'unlisted')
     zoo.manifest.verify_listed_checkpoint(elsewhere)  # unlisted files are not checked
+
+
+def test_listed_codec_file_with_another_hash_is_refused(monkeypatch, tmp_path):
+    from zoo.tasks.compression import create_codec, load_codec, save_codec
+    root = _listing(monkeypatch, tmp_path, trained=[dict(name='codecs', path='codecs', task='compression',
+                                                         files={'codec_q1.safetensors': '0' * 64})])
+    path = save_codec(create_codec('s2lic_tiny', 1), root / 'codecs' / 'codec_q1.safetensors', 's2lic_tiny', 1, {})
+    with pytest.raises(zoo.manifest.ChecksumError, match="codec_q1.safetensors is listed in manifest.yaml as 'codecs'"):
+        load_codec(path)
+    unlisted = save_codec(create_codec('s2lic_tiny', 1), root / 'codecs' / 'codec_q2.safetensors', 's2lic_tiny', 2,
+                          {})
+    assert load_codec(unlisted)[1]['quality'] == 2
 
 
 def test_convert_mha_vit_to_gqa(tmp_path):

@@ -141,6 +141,17 @@ def test_bd_rate_pchip_takes_three_points_and_unknown_method_fails():
         rd.bd_rate((ANCHOR_BPP, ANCHOR_PSNR), three, 'spline')
 
 
+def test_data_photos_is_the_exported_held_out_split(tmp_path, monkeypatch):
+    from zoo.data.photos import export_photos
+    bundled = rd.load_images('photos')
+    exported = rd.load_images(str(export_photos('test', tmp_path / 'photos')[0].parent))
+    assert list(bundled) == list(exported) == ['astronaut.png', 'chelsea.png', 'coffee.png']
+    assert all(torch.equal(bundled[name], exported[name]) for name in bundled)
+    monkeypatch.chdir(tmp_path)  # a folder named photos is a folder, not the bundled set
+    (tmp_path / 'photos' / 'coffee.png').unlink()
+    assert list(rd.load_images('photos')) == ['astronaut.png', 'chelsea.png']
+
+
 # ------------------------------------------------------------------------------------------ classic codecs
 
 @pytest.mark.parametrize('name', AVAILABLE_CLASSIC)

@@ -123,7 +123,7 @@ def _eval_compression(args: argparse.Namespace) -> None:
     if not args.checkpoint:
         raise ValueError('--task compression needs --checkpoint FILE (one per quality, repeatable)')
     if not args.data:
-        raise ValueError('--task compression needs --data DIR (a folder of held-out images)')
+        raise ValueError("--task compression needs --data DIR (a folder of held-out images, or 'photos')")
     if not args.json:
         raise ValueError('--task compression needs --json OUT (the results; curves are also written beside it)')
     from zoo.tasks.rate_distortion import evaluate, format_summary
@@ -256,7 +256,8 @@ def build_parser() -> argparse.ArgumentParser:
                         'quality (repeatable)')
     p.add_argument('--data', default=None,
                    help="classification: ImageFolder root (class sub-folders) or 'shapes'; detection: the image "
-                        "folder; segmentation: replaces the recipe's data.root; compression: folder of images")
+                        "folder; segmentation: replaces the recipe's data.root; compression: folder of images or 'photos' "
+                        "(the held-out bundled photos)")
     p.add_argument('--baseline-checkpoint', action='extend', nargs='+', default=[],
                    help='compression: checkpoints of the baseline codec (e.g. compressai:bmshj2018-hyperprior '
                         'trained with the same recipe), one per quality')

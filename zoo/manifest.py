@@ -6,11 +6,11 @@ truncated download or a file swapped for another is refused before any weight is
 import hashlib
 from functools import lru_cache
 from pathlib import Path
-from typing import Dict, Optional
+from typing import Dict, Optional, Tuple
 
 import yaml
 
-__all__ = ['MANIFEST_PATH', 'load_manifest', 'official_entry', 'listed_sha256', 'verify_listed_checkpoint',
+__all__ = ['MANIFEST_PATH', 'load_manifest', 'official_entry', 'trained_files', 'listed_sha256', 'verify_listed_checkpoint',
            'ChecksumError']
 
 MANIFEST_PATH = Path(__file__).resolve().parents[1] / 'checkpoints' / 'manifest.yaml'
@@ -39,19 +39,28 @@ def _weights_file(path: Path) -> Path:
     return path / _WEIGHTS_FILE if path.is_dir() else path
 
 
-def listed_sha256(path: Path) -> Optional[Dict]:
-    """The manifest entry that lists `path` with a sha256, or None.
+def trained_files(entry: Dict) -> Dict[str, str]:
+    """{file name in checkpoints/<path>/: sha256} of a trained entry: a model folder's weights file (`sha256`), or
+    the files of a codec entry (`files`, one codec file per quality)."""
+    if 'files' in entry:
+        return dict(entry['files'])
+    return {_WEIGHTS_FILE: entry['sha256']} if entry.get('sha256') else {}
+
+
+def listed_sha256(path: Path) -> Optional[Tuple[str, str]]:
+    """(entry name, sha256) of the manifest entry that lists `path`, or None.
 
     Official entries match by file name (their files live wherever the user keeps them); trained entries by
-    location (checkpoints/<path>/model.safetensors), since their folders have generic names.
+    location (checkpoints/<path>/<file>), since their folders and files have generic names.
     """
     weights = _weights_file(Path(path)).resolve()
     for entry in load_manifest()['official']:
         if entry.get('sha256') and weights.name == entry['file']:
-            return entry
+            return entry['model'], entry['sha256']
     for entry in load_manifest()['trained']:
-        if entry.get('sha256') and weights == (MANIFEST_PATH.parent / entry['path'] / _WEIGHTS_FILE).resolve():
-            return entry
+        for name, digest in trained_files(entry).items():
+            if weights == (MANIFEST_PATH.parent / entry['path'] / name).resolve():
+                return entry['name'], digest
     return None
 
 
@@ -65,13 +74,13 @@ def _sha256(path: Path) -> str:
 
 def verify_listed_checkpoint(path) -> None:
     """Raise ChecksumError when `path` (a file or a model folder) is listed in the manifest with another sha256."""
-    entry = listed_sha256(Path(path))
-    if entry is None:
+    listed = listed_sha256(Path(path))
+    if listed is None:
         return
+    name, expected = listed
     weights = _weights_file(Path(path))
     actual = _sha256(weights)
-    if actual != entry['sha256']:
-        name = entry.get('name') or entry.get('model')
+    if actual != expected:
         raise ChecksumError(
-            f'{weights} is listed in {MANIFEST_PATH.name} as {name!r} with sha256 {entry["sha256"]}, but the file '
+            f'{weights} is listed in {MANIFEST_PATH.name} as {name!r} with sha256 {expected}, but the file '
             f'has sha256 {actual}: it is truncated, corrupt or not the listed checkpoint; refusing to load it')
