@@ -256,8 +256,8 @@ def build_parser() -> argparse.ArgumentParser:
                         'quality (repeatable)')
     p.add_argument('--data', default=None,
                    help="classification: ImageFolder root (class sub-folders) or 'shapes'; detection: the image "
-                        "folder; segmentation: replaces the recipe's data.root; compression: folder of images or 'photos' "
-                        "(the held-out bundled photos)")
+                        "folder; segmentation: replaces the recipe's data.root; compression: folder of images or "
+                        "'photos' (the held-out bundled photos)")
     p.add_argument('--baseline-checkpoint', action='extend', nargs='+', default=[],
                    help='compression: checkpoints of the baseline codec (e.g. compressai:bmshj2018-hyperprior '
                         'trained with the same recipe), one per quality')

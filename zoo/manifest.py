@@ -10,8 +10,8 @@ from typing import Dict, Optional, Tuple
 
 import yaml
 
-__all__ = ['MANIFEST_PATH', 'load_manifest', 'official_entry', 'trained_files', 'listed_sha256', 'verify_listed_checkpoint',
-           'ChecksumError']
+__all__ = ['MANIFEST_PATH', 'load_manifest', 'official_entry', 'trained_files', 'listed_sha256',
+           'verify_listed_checkpoint', 'ChecksumError']
 
 MANIFEST_PATH = Path(__file__).resolve().parents[1] / 'checkpoints' / 'manifest.yaml'
 _WEIGHTS_FILE = 'model.safetensors'  # the weights file of a model folder (timm's local-dir layout)

@@ -23,10 +23,10 @@ from pytorch_msssim import ms_ssim
 from zoo.data.photos import image_files, load_photo, photo_names
 from zoo.layers.bitstream import compress_image, decompress_image, load_rgb, padded_input, reconstruct_image
 
-__all__ = ['BUNDLED_PHOTOS', 'psnr_uint8', 'ms_ssim_uint8', 'bits_per_pixel', 'load_images', 'CLASSIC_CODECS', 'classic_unavailable',
-           'encode_classic', 'decode_classic', 'evaluate_classic', 'evaluate_codec', 'bd_rate', 'compressai_results',
-           'write_compressai_json', 'read_compressai_json', 'COMPRESSAI_KODAK', 'plot_rd', 'evaluate',
-           'format_summary']
+__all__ = ['BUNDLED_PHOTOS', 'psnr_uint8', 'ms_ssim_uint8', 'bits_per_pixel', 'load_images', 'CLASSIC_CODECS',
+           'classic_unavailable', 'encode_classic', 'decode_classic', 'evaluate_classic', 'evaluate_codec', 'bd_rate',
+           'compressai_results', 'write_compressai_json', 'read_compressai_json', 'COMPRESSAI_KODAK', 'plot_rd',
+           'evaluate', 'format_summary']
 
 # `--data photos`: the held-out bundled photos instead of a folder (load_images)
 BUNDLED_PHOTOS = 'photos'
