@@ -268,8 +268,9 @@ class CompressionModule(ScheduledModule):
 
     def on_fit_start(self):
         # the codecs are conv-heavy (s2lic_tiny: the full-resolution enhancement blocks are ~40 % of a step), and
-        # oneDNN convs are faster channels-last: a CPU training step of s2lic_tiny at 8x128^2 takes 0.64 s instead
-        # of 0.97 s. Weights go back to the standard layout before saving and bitstream coding (on_fit_end).
+        # oneDNN convs are faster channels-last: 1.5x for a CPU training step of s2lic_tiny at 8x128^2, 1.2x for
+        # bmshj2018-hyperprior (benchmarks/compression_train_step.py, benchmarks/RESULTS.md). Weights go back to the
+        # standard layout before saving and bitstream coding (on_fit_end).
         self.codec.to(memory_format=torch.channels_last)
 
     def on_fit_end(self):
