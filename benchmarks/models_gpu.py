@@ -1,7 +1,7 @@
 """Whole models on a GPU with the Triton kernels against the plain-PyTorch reference, in one run.
 
-For each zoo model the kernels its layers use are switched on and off by listing them in
-`zoo.layers.kernels.GPU_VERIFIED` (what `backend="auto"` reads), so both runs are the code path a user gets:
+For each zoo model the kernels its layers use are switched on and off with `zoo.layers.kernels.gpu_kernels` (the
+Triton kernels `backend="auto"` may run on CUDA), so both runs are the code path a user gets:
 
 1. Parity: eval logits in fp32 with the kernels against the reference on the same weights (randomly
    perturbed, so no branch is zeroed at init) and images (max |difference| / max |reference logit|).
@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 import zoo  # noqa: F401  (registers the models)
-from zoo.layers import kernels
+from zoo.layers.kernels import gpu_kernels
 
 # model -> the kernels its layers call through backend='auto'
 ZOO_MODELS = {
@@ -43,11 +43,6 @@ BASELINES = ('convnext_tiny', 'swin_tiny_patch4_window7_224')
 
 def input_size(model: torch.nn.Module) -> int:
     return model.pretrained_cfg['input_size'][-1]
-
-
-def set_kernels(names: Sequence[str]) -> None:
-    """What backend='auto' may use on CUDA from now on."""
-    kernels.GPU_VERIFIED = frozenset(names)
 
 
 def median_seconds(fn: Callable[[], None], warmup: int, iters: int, device: torch.device) -> float:
@@ -83,10 +78,10 @@ def parity(model: torch.nn.Module, names: Sequence[str], images: torch.Tensor) -
     perturb(model)
     model.eval()
     with torch.no_grad():
-        set_kernels(())
-        reference = model(images).float()
-        set_kernels(names)
-        fused = model(images).float()
+        with gpu_kernels(()):
+            reference = model(images).float()
+        with gpu_kernels(names):
+            fused = model(images).float()
     scale = reference.abs().max().item()
     return dict(max_abs_diff=(fused - reference).abs().max().item(), logit_scale=scale,
                 rel_max_diff=(fused - reference).abs().max().item() / max(scale, 1e-12),
@@ -141,12 +136,10 @@ def run(args, device: torch.device, report: Dict) -> List[Dict]:
                 row.update(parity(model, names, images))
             modes = [('reference', ()), ('triton', names)] if names else [('timm', ())]
             for mode, enabled in modes:
-                set_kernels(enabled)
-                row[mode] = speed(model, args.batch, args, device)
+                with gpu_kernels(enabled):
+                    row[mode] = speed(model, args.batch, args, device)
         except Exception as error:  # one model failing is reported, the others still run
             row['error'] = f'{type(error).__name__}: {error}'[:500]
-        finally:
-            set_kernels(())
         rows.append(row)
         print(json.dumps(row), flush=True)
         save(report, args.json)

@@ -9,7 +9,6 @@ from safetensors.torch import load_file
 
 from conftest import fixtures_path, fixtures_root
 from zoo.layers import na2d_av, na2d_qk, neighborhood_attention_2d, neighborhood_indices
-from zoo.layers.kernels import pick_backend, reference_only
 from zoo.layers.neighborhood_attn import NeighborhoodAttention2d
 from zoo.models.nat import GlobalAttentionRPB
 
@@ -102,33 +101,6 @@ def test_gradcheck_fused(height, width, kernel_size, dilation, backend):
     assert torch.autograd.gradcheck(
         lambda q, k, v, b: neighborhood_attention_2d(q, k, v, kernel_size, dilation, b, backend=backend),
         (*args, rpb))
-
-
-def test_auto_picks_dense_only_for_small_maps_on_cpu():
-    small, large = torch.empty(2, 2, 16, 16, 8), torch.empty(2, 2, 40, 40, 8)
-    assert pick_backend(small, has_rpb=True, fused=True) == 'dense'
-    assert pick_backend(small, has_rpb=True, fused=False) == 'torch'
-    assert pick_backend(large, has_rpb=True, fused=True) == 'torch'
-    assert pick_backend(torch.empty(4096, 4, 16, 16, 8), has_rpb=True, fused=True) == 'torch'
-    with reference_only():  # what MAC counting uses
-        assert pick_backend(small, has_rpb=True, fused=True) == 'torch'
-    assert pick_backend(small, has_rpb=True, fused=True) == 'dense'
-
-
-def test_auto_on_cuda_uses_exactly_the_gpu_verified_kernels():
-    """The dispatch rule on CUDA (a stand-in tensor whose device says cuda; no GPU needed): the kernels whose GPU
-    check is recorded run, the others fall back to the reference, and reference_only() still wins."""
-    from types import SimpleNamespace
-    from zoo.layers.kernels import GPU_VERIFIED, resolve_backend
-    cuda = SimpleNamespace(device=torch.device('cuda'), shape=(2, 2, 56, 56, 32))
-    assert pick_backend(cuda, has_rpb=True, fused=True) == ('triton' if 'na2d' in GPU_VERIFIED else 'torch')
-    for kernel in ('aggregated_window', 'halo'):
-        assert resolve_backend('auto', ('auto', 'torch', 'triton'), cuda, kernel) == \
-            ('triton' if kernel in GPU_VERIFIED else 'torch')
-    assert resolve_backend('auto', ('auto', 'torch', 'triton'), cuda, 'unknown_kernel') == 'torch'
-    with reference_only():
-        assert pick_backend(cuda, has_rpb=True, fused=True) == 'torch'
-        assert resolve_backend('auto', ('auto', 'torch', 'triton'), cuda, 'aggregated_window') == 'torch'
 
 
 @pytest.mark.parametrize('dtype', [torch.bfloat16, torch.float16])
@@ -232,7 +204,7 @@ def _qkv(shape=(1, 2, 8, 8, 4)):
     (lambda: neighborhood_attention_2d(*[t.long() for t in _qkv()], 3), 'floating point'),
     (lambda: neighborhood_attention_2d(*_qkv(), 3, backend='cuda'), 'backend must be one of'),
     (lambda: na2d_av(torch.randn(1, 2, 8, 8, 8), torch.randn(1, 2, 8, 8, 4), 3), r'attn must have shape'),
-    (lambda: na2d_qk(*_qkv()[:2], 3, backend='natten'), 'only runs the fused'),
+    (lambda: na2d_qk(*_qkv()[:2], 3, backend='natten'), r"'natten' only runs na2d\b"),
 ])
 def test_bad_input_raises_clear_value_error(call, message):
     with pytest.raises(ValueError, match=message):
@@ -259,8 +231,9 @@ def test_vitrpb_index_equals_official_flipped_query_minus_key_table():
 
 def test_tracing_first_does_not_poison_later_eager_calls():
     """torch.export before any eager call used to cache fake index tensors; eager results then went wrong."""
-    from zoo.layers import neighborhood as nb
-    nb._axis_tables_numpy.cache_clear()
+    from zoo.layers import window_geometry
+    window_geometry.neighborhood_axis_numpy.cache_clear()
+    window_geometry.rpb_index_numpy.cache_clear()
     torch.manual_seed(0)
     module = NeighborhoodAttention2d(8, 2, 3, dilation=2).eval()
     x = torch.randn(1, 9, 11, 8)

@@ -17,7 +17,7 @@ Layout of the window operators: (B, heads, H, W, d); window weights (B, heads, H
 t_row * k + t_col (the order of `F.unfold`). The plain-PyTorch reference works on k*k shifted views of
 a zero-padded map, so nothing is larger than k*k times one input and nothing is O((HW)^2); autograd
 saves views, not gathered copies. A Triton kernel of the window part lives in
-`zoo.layers.kernels.aggregated_triton`.
+`zoo.layers.kernels.aggregated_triton`; the window geometry both use in `zoo.layers.window_geometry`.
 """
 import math
 from functools import lru_cache
@@ -29,53 +29,23 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import trunc_normal_
 
+from .kernels import dispatch
+from .window_geometry import check_kernel_size, padded_window_valid_numpy, window_valid_mask
+
 __all__ = [
     'window_qk', 'window_av', 'window_valid_mask', 'window_length_scale', 'relative_coords_cpb',
     'continuous_position_bias', 'AggregatedAttention', 'ScaledCosineAttention', 'WINDOW_BACKENDS',
 ]
 
-WINDOW_BACKENDS = ('auto', 'torch', 'triton')
-# Name of the window kernel in zoo.layers.kernels.GPU_VERIFIED once a real-GPU check is recorded.
-KERNEL_NAME = 'aggregated_window'
-
-
-# ----------------------------------------------------------------------------------------------
-# Geometry of the zero-padded window, cached as numpy (a tensor cached while torch.export or
-# torch.compile trace would be a fake tensor and poison later eager calls).
-# ----------------------------------------------------------------------------------------------
-
-@lru_cache(maxsize=128)
-def _window_valid_numpy(height: int, width: int, kernel_size: int) -> np.ndarray:
-    """(H, W, k*k) bool: slot t of pixel (i, j) lies inside the map."""
-    radius = kernel_size // 2
-    offsets = np.arange(kernel_size) - radius
-    rows = (np.arange(height)[:, None] + offsets[None, :])
-    cols = (np.arange(width)[:, None] + offsets[None, :])
-    row_ok = (rows >= 0) & (rows < height)
-    col_ok = (cols >= 0) & (cols < width)
-    valid = row_ok[:, None, :, None] & col_ok[None, :, None, :]
-    valid = valid.reshape(height, width, kernel_size * kernel_size)
-    valid.flags.writeable = False
-    return valid
-
-
-def _check_kernel_size(kernel_size: int) -> None:
-    if isinstance(kernel_size, bool) or not isinstance(kernel_size, int) or kernel_size < 1 or kernel_size % 2 == 0:
-        raise ValueError(f'kernel_size must be a positive odd int, got {kernel_size!r}')
-
-
-def window_valid_mask(height: int, width: int, kernel_size: int = 3,
-                      device: torch.device = torch.device('cpu')) -> torch.Tensor:
-    """(H, W, k*k) bool mask of the window slots that lie inside an H x W map."""
-    _check_kernel_size(kernel_size)
-    return torch.tensor(_window_valid_numpy(height, width, kernel_size), device=device)
+# backend= values of window_qk and window_av.
+WINDOW_BACKENDS = dispatch.backend_choices('window_qk')
 
 
 def window_length_scale(height: int, width: int, kernel_size: int, pool_len: int,
                         device: torch.device = torch.device('cpu')) -> torch.Tensor:
     """(H*W, 1) float32 ln(n_i + pool_len), n_i = in-map slots of pixel i's k x k window (9 / 6 / 4 for k = 3)."""
-    _check_kernel_size(kernel_size)
-    counts = _window_valid_numpy(height, width, kernel_size).sum(-1).reshape(-1, 1)
+    check_kernel_size(kernel_size)
+    counts = padded_window_valid_numpy(height, width, kernel_size).sum(-1).reshape(-1, 1)
     return torch.log(torch.tensor(counts + pool_len, dtype=torch.float32, device=device))
 
 
@@ -110,12 +80,6 @@ def _check_window_inputs(first: torch.Tensor, first_name: str, second: torch.Ten
         raise ValueError(f'{first_name} is on {first.device} but {second_name} on {second.device}')
 
 
-def _resolve_backend(backend: str, tensor: torch.Tensor) -> str:
-    """'auto' runs the Triton kernel only on CUDA and only once its real-GPU check is recorded."""
-    from .kernels import resolve_backend
-    return resolve_backend(backend, WINDOW_BACKENDS, tensor, KERNEL_NAME)
-
-
 def window_qk(query: torch.Tensor, key: torch.Tensor, bias: Optional[torch.Tensor] = None, kernel_size: int = 3,
               backend: str = 'auto') -> torch.Tensor:
     """Logits of every query against its zero-padded k x k window of keys.
@@ -129,7 +93,7 @@ def window_qk(query: torch.Tensor, key: torch.Tensor, bias: Optional[torch.Tenso
     Returns:
         (B, heads, H, W, k*k): query . key[neighbour] (+ bias); -inf where the slot lies outside the map.
     """
-    _check_kernel_size(kernel_size)
+    check_kernel_size(kernel_size)
     _check_window_inputs(query, 'query', key, 'key')
     if query.shape != key.shape or query.dtype != key.dtype:
         raise ValueError(f'query and key must share shape and dtype, got {tuple(query.shape)}/{query.dtype} '
@@ -137,7 +101,7 @@ def window_qk(query: torch.Tensor, key: torch.Tensor, bias: Optional[torch.Tenso
     slots = kernel_size * kernel_size
     if bias is not None and tuple(bias.shape) != (query.shape[1], slots):
         raise ValueError(f'bias must have shape (heads, k*k) = {(query.shape[1], slots)}, got {tuple(bias.shape)}')
-    if _resolve_backend(backend, query) == 'triton':
+    if dispatch.resolve('window_qk', backend, query) == 'triton':
         from .kernels import aggregated_triton
         return aggregated_triton.window_qk(query, key, bias, kernel_size)
     logits = torch.stack([torch.linalg.vecdot(query, neighbour) for neighbour in _shifted_views(key, kernel_size)],
@@ -160,12 +124,12 @@ def window_av(attn: torch.Tensor, value: torch.Tensor, kernel_size: int = 3, bac
     Returns:
         (B, heads, H, W, d).
     """
-    _check_kernel_size(kernel_size)
+    check_kernel_size(kernel_size)
     _check_window_inputs(attn, 'attn', value, 'value')
     if attn.shape[-1] != kernel_size * kernel_size or attn.dtype != value.dtype:
         raise ValueError(f'attn must be (B, heads, H, W, {kernel_size * kernel_size}) in value\'s dtype, got '
                          f'{tuple(attn.shape)}/{attn.dtype} for value {value.dtype}')
-    if _resolve_backend(backend, value) == 'triton':
+    if dispatch.resolve('window_av', backend, value) == 'triton':
         from .kernels import aggregated_triton
         return aggregated_triton.window_av(attn, value, kernel_size)
     out = torch.zeros_like(value)
@@ -312,7 +276,7 @@ class AggregatedAttention(_CosineAttentionBase):
                  backend: str = 'auto', device=None, dtype=None):
         super().__init__()
         dd = dict(device=device, dtype=dtype)
-        _check_kernel_size(window_size)
+        check_kernel_size(window_size)
         self._init_shared(dim, num_heads, pretrain_size, attn_drop, proj_drop, dd)
         self.window_size = window_size
         self.sr_ratio = sr_ratio

@@ -33,8 +33,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 __all__ = ['GroupedQueryAttention', 'grouped_query_attention', 'kv_head_index', 'key_norms', 'kdgqa_allocation',
-           'dgqa_allocation', 'pgqa_perturb', 'repair_allocation', 'uniform_allocation', 'mean_pool_kv_heads',
-           'convert_mha_to_gqa', 'ATTENTION_SCHEMES']
+           'dgqa_allocation', 'dgqa_ratio', 'pgqa_perturb', 'repair_allocation', 'uniform_allocation',
+           'mean_pool_kv_heads', 'convert_mha_to_gqa', 'ATTENTION_SCHEMES']
 
 ATTENTION_SCHEMES = ('mhsa', 'gqa', 'kdgqa', 'dgqa_ema', 'dgqa_diff', 'pgqa')
 MODES = ('default', 'official')

@@ -29,11 +29,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import make_divisible, trunc_normal_
 
-__all__ = ['HaloAttention', 'halo_attention_2d', 'halo_relative_logits', 'BORDERS',
-           'HALO_BACKENDS']
+from .kernels import dispatch
+
+__all__ = ['HaloAttention', 'RelPosEmbed2d', 'halo_attention_2d', 'halo_relative_logits', 'check_halo_shapes',
+           'BORDERS', 'HALO_BACKENDS']
 
 BORDERS = ('zeros', 'mask')
-HALO_BACKENDS = ('auto', 'torch', 'triton')
+# backend= values of halo_attention_2d.
+HALO_BACKENDS = dispatch.backend_choices('halo')
 
 
 def _positive_int(value, name: str, minimum: int = 1) -> int:
@@ -146,7 +149,6 @@ def _reference(query, key, value, block_size, halo_size, rel_h, rel_w, scale, bo
     """softmax over each block's window, plain PyTorch; rel_h / rel_w already scaled as the logits need."""
     height, width = key.shape[2:4]
     stride = height // query.shape[2]
-    win = block_size + 2 * halo_size
     q = _blocks(query, block_size // stride)
     logits = (q * scale) @ _windows(key, block_size, halo_size).transpose(-1, -2)
     rel = rel_h[..., :, None] + rel_w[..., None, :]  # (B, heads, n_blocks, bq*bq, win, win)
@@ -156,12 +158,6 @@ def _reference(query, key, value, block_size, halo_size, rel_h, rel_w, scale, bo
         logits = logits.masked_fill(~valid, float('-inf'))
     out = logits.softmax(dim=-1) @ _windows(value, block_size, halo_size)
     return _unblocks(out, block_size // stride, query.shape[2], query.shape[3])
-
-
-def _resolve_backend(backend: str, tensor: torch.Tensor) -> str:
-    """'auto' runs the Triton kernel only on CUDA and only once its real-GPU check is recorded."""
-    from .kernels import resolve_backend
-    return resolve_backend(backend, HALO_BACKENDS, tensor, 'halo')
 
 
 def halo_attention_2d(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, block_size: int,
@@ -192,7 +188,7 @@ def halo_attention_2d(query: torch.Tensor, key: torch.Tensor, value: torch.Tenso
     rel_h, rel_w = halo_relative_logits(_blocks(query, block_size // stride), height_rel, width_rel, win)
     if scale_pos_embed:
         rel_h, rel_w = rel_h * scale, rel_w * scale
-    if _resolve_backend(backend, query) == 'triton':
+    if dispatch.resolve('halo', backend, query) == 'triton':
         from .kernels import halo_triton
         return halo_triton.halo_attention_2d(query, key, value, rel_h, rel_w, block_size, halo_size, scale,
                                              border == 'mask')

@@ -17,70 +17,25 @@ neighbour order t_row * k + t_col.
 The reference path below is plain PyTorch. It loops over the k*k window slots and works on
 whole-map gathers, so its temporaries are the size of one input tensor and nothing is O((HW)^2).
 Custom autograd functions keep backward equally lean (they save inputs, never gathered slabs).
+The index tables live in zoo.layers.window_geometry, shared with the other backends (zoo.layers.kernels),
+which the dispatch table picks per call.
 """
-from functools import lru_cache
-from typing import Optional, Tuple
+from typing import Optional
 
-import numpy as np
 import torch
 from torch.autograd.function import once_differentiable
+
+from .kernels import dispatch
+from .window_geometry import (check_window_fits, neighborhood_axis_tables, neighborhood_indices, rpb_index,
+                              scatter_rpb)
 
 __all__ = [
     'neighborhood_attention_2d', 'na2d_qk', 'na2d_av', 'na2d_rpb', 'neighborhood_indices', 'check_window_fits',
     'BACKENDS',
 ]
 
-BACKENDS = ('auto', 'torch', 'dense', 'triton', 'natten')
-
-
-@lru_cache(maxsize=256)
-def _axis_tables_numpy(length: int, kernel_size: int, dilation: int) -> Tuple[np.ndarray, np.ndarray]:
-    """Key and bias indices along one axis, each (length, kernel_size) int64, as read-only numpy arrays.
-
-    Cached as numpy, not as tensors: a tensor made while torch.export / torch.compile trace would be a fake
-    tensor, and caching it would poison every later eager call.
-    """
-    pos = np.arange(length)
-    group = pos % dilation
-    in_group = pos // dilation
-    group_len = (length - group + dilation - 1) // dilation
-    start = np.minimum(np.maximum(in_group - kernel_size // 2, 0), group_len - kernel_size)
-    keys = group[:, None] + dilation * (start[:, None] + np.arange(kernel_size))
-    bias = (keys - pos[:, None]) // dilation + kernel_size - 1
-    keys.flags.writeable = bias.flags.writeable = False
-    return keys, bias
-
-
-def _axis_tables(length: int, kernel_size: int, dilation: int, device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:
-    """`_axis_tables_numpy` as fresh int64 tensors on `device`."""
-    keys, bias = _axis_tables_numpy(length, kernel_size, dilation)
-    return (torch.tensor(keys, dtype=torch.int64, device=device),
-            torch.tensor(bias, dtype=torch.int64, device=device))
-
-
-def neighborhood_indices(length: int, kernel_size: int, dilation: int = 1,
-                         device: torch.device = torch.device('cpu')) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Per-axis neighbourhood of every position.
-
-    Returns:
-        key_index (length, kernel_size): absolute key position of each window slot.
-        bias_index (length, kernel_size): rpb index along this axis, in [0, 2 * kernel_size - 2].
-    """
-    check_window_fits(length, length, kernel_size, dilation)
-    return _axis_tables(length, kernel_size, dilation, torch.device(device))
-
-
-def check_window_fits(height: int, width: int, kernel_size: int, dilation: int) -> None:
-    """Raise ValueError unless an odd kernel_size window with this dilation fits an H x W map."""
-    if isinstance(kernel_size, bool) or not isinstance(kernel_size, int) or kernel_size < 1 or kernel_size % 2 == 0:
-        raise ValueError(f'kernel_size must be a positive odd int, got {kernel_size!r}')
-    if isinstance(dilation, bool) or not isinstance(dilation, int) or dilation < 1:
-        raise ValueError(f'dilation must be a positive int, got {dilation!r}')
-    span = kernel_size * dilation
-    if span > height or span > width:
-        raise ValueError(
-            f'neighborhood attention needs kernel_size * dilation <= H and W, got kernel_size {kernel_size} * '
-            f'dilation {dilation} = {span} for a {height}x{width} map')
+# backend= values of the fused operator (its halves take 'auto', 'torch' and 'triton').
+BACKENDS = dispatch.backend_choices('na2d')
 
 
 def _check_qk(query: torch.Tensor, key: torch.Tensor, kernel_size: int, dilation: int,
@@ -120,10 +75,11 @@ def _check_av(attn: torch.Tensor, value: torch.Tensor, kernel_size: int, dilatio
                          f'{kernel_size}, got {tuple(attn.shape)}')
 
 
-def _tables(x: torch.Tensor, kernel_size: int, dilation: int):
-    rows, row_bias = _axis_tables(x.shape[2], kernel_size, dilation, x.device)
-    cols, col_bias = _axis_tables(x.shape[3], kernel_size, dilation, x.device)
-    return rows, cols, row_bias, col_bias
+def _key_tables(x: torch.Tensor, kernel_size: int, dilation: int):
+    """Key rows (H, k) and key columns (W, k) of every query's window, for x (B, heads, H, W, d)."""
+    rows, _ = neighborhood_axis_tables(x.shape[2], kernel_size, dilation, x.device)
+    cols, _ = neighborhood_axis_tables(x.shape[3], kernel_size, dilation, x.device)
+    return rows, cols
 
 
 def _pairwise_dots(x: torch.Tensor, y: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
@@ -172,18 +128,10 @@ def _scatter_outer(w: torch.Tensor, x: torch.Tensor, rows: torch.Tensor, cols: t
     return out
 
 
-def _bias_gather(rpb: torch.Tensor, row_bias: torch.Tensor, col_bias: torch.Tensor) -> torch.Tensor:
-    """rpb (heads, 2k-1, 2k-1) -> bias (heads, H, W, k, k) for every query and window slot."""
-    return rpb[:, row_bias[:, None, :, None], col_bias[None, :, None, :]]
-
-
-def _bias_scatter(grad: torch.Tensor, row_bias: torch.Tensor, col_bias: torch.Tensor, span: int) -> torch.Tensor:
-    """Transpose of `_bias_gather` summed over the batch: (B, heads, H, W, k, k) -> (heads, span, span)."""
-    heads = grad.shape[1]
-    flat_index = (row_bias[:, None, :, None] * span + col_bias[None, :, None, :]).expand(grad.shape[2:])
-    out = grad.new_zeros(heads, span * span)
-    out.index_add_(1, flat_index.reshape(-1), grad.sum(0).reshape(heads, -1))
-    return out.view(heads, span, span)
+def _bias_gather(rpb: torch.Tensor, height: int, width: int, kernel_size: int, dilation: int) -> torch.Tensor:
+    """rpb (heads, 2k-1, 2k-1) -> bias (heads, H, W, k, k) for every query and window slot (transpose:
+    window_geometry.scatter_rpb)."""
+    return rpb.flatten(1)[:, rpb_index(height, width, kernel_size, dilation, rpb.device)]
 
 
 def na2d_rpb(rpb: torch.Tensor, height: int, width: int, kernel_size: int, dilation: int = 1) -> torch.Tensor:
@@ -195,18 +143,16 @@ def na2d_rpb(rpb: torch.Tensor, height: int, width: int, kernel_size: int, dilat
     check_window_fits(height, width, kernel_size, dilation)
     if rpb.dim() != 3 or tuple(rpb.shape[1:]) != (2 * kernel_size - 1, 2 * kernel_size - 1):
         raise ValueError(f'rpb must have shape (heads, 2k-1, 2k-1) with k = {kernel_size}, got {tuple(rpb.shape)}')
-    _, row_bias = _axis_tables(height, kernel_size, dilation, rpb.device)
-    _, col_bias = _axis_tables(width, kernel_size, dilation, rpb.device)
-    return _bias_gather(rpb, row_bias, col_bias).flatten(-2)
+    return _bias_gather(rpb, height, width, kernel_size, dilation).flatten(-2)
 
 
 class _NeighborhoodQK(torch.autograd.Function):
     @staticmethod
     def forward(ctx, query, key, rpb, kernel_size, dilation):
-        rows, cols, row_bias, col_bias = _tables(query, kernel_size, dilation)
+        rows, cols = _key_tables(query, kernel_size, dilation)
         logits = _pairwise_dots(query, key, rows, cols)
         if rpb is not None:
-            logits += _bias_gather(rpb, row_bias, col_bias).to(logits.dtype)
+            logits += _bias_gather(rpb, query.shape[2], query.shape[3], kernel_size, dilation).to(logits.dtype)
         ctx.save_for_backward(query, key)
         ctx.kernel_size, ctx.dilation, ctx.has_rpb = kernel_size, dilation, rpb is not None
         return logits.flatten(-2)
@@ -216,20 +162,20 @@ class _NeighborhoodQK(torch.autograd.Function):
     def backward(ctx, grad_logits):
         query, key = ctx.saved_tensors
         k = ctx.kernel_size
-        rows, cols, row_bias, col_bias = _tables(query, k, ctx.dilation)
+        rows, cols = _key_tables(query, k, ctx.dilation)
         grad = grad_logits.unflatten(-1, (k, k))
         grad_query = _weighted_sum(grad, key, rows, cols) if ctx.needs_input_grad[0] else None
         grad_key = _scatter_outer(grad, query, rows, cols) if ctx.needs_input_grad[1] else None
         grad_rpb = None
         if ctx.has_rpb and ctx.needs_input_grad[2]:
-            grad_rpb = _bias_scatter(grad, row_bias, col_bias, 2 * k - 1)
+            grad_rpb = scatter_rpb(grad, k, ctx.dilation)
         return grad_query, grad_key, grad_rpb, None, None
 
 
 class _NeighborhoodAV(torch.autograd.Function):
     @staticmethod
     def forward(ctx, attn, value, kernel_size, dilation):
-        rows, cols, _, _ = _tables(value, kernel_size, dilation)
+        rows, cols = _key_tables(value, kernel_size, dilation)
         ctx.save_for_backward(attn, value)
         ctx.kernel_size, ctx.dilation = kernel_size, dilation
         return _weighted_sum(attn.unflatten(-1, (kernel_size, kernel_size)), value, rows, cols)
@@ -239,22 +185,13 @@ class _NeighborhoodAV(torch.autograd.Function):
     def backward(ctx, grad_out):
         attn, value = ctx.saved_tensors
         k = ctx.kernel_size
-        rows, cols, _, _ = _tables(value, k, ctx.dilation)
+        rows, cols = _key_tables(value, k, ctx.dilation)
         grad_out = grad_out.contiguous()
         grad_attn = _pairwise_dots(grad_out, value, rows, cols).flatten(-2) if ctx.needs_input_grad[0] else None
         grad_value = None
         if ctx.needs_input_grad[1]:
             grad_value = _scatter_outer(attn.unflatten(-1, (k, k)), grad_out, rows, cols)
         return grad_attn, grad_value, None, None
-
-
-def _resolve_backend(backend: str, tensor: torch.Tensor, has_rpb: bool, fused: bool) -> str:
-    if backend not in BACKENDS:
-        raise ValueError(f'backend must be one of {BACKENDS}, got {backend!r}')
-    if backend == 'auto':
-        from . import kernels
-        return kernels.pick_backend(tensor, has_rpb=has_rpb, fused=fused)
-    return backend
 
 
 def na2d_qk(query: torch.Tensor, key: torch.Tensor, kernel_size: int, dilation: int = 1,
@@ -274,12 +211,9 @@ def na2d_qk(query: torch.Tensor, key: torch.Tensor, kernel_size: int, dilation: 
         (B, heads, H, W, k*k) logits, neighbour order t_row * k + t_col.
     """
     _check_qk(query, key, kernel_size, dilation, rpb)
-    backend = _resolve_backend(backend, query, rpb is not None, fused=False)
-    if backend == 'triton':
+    if dispatch.resolve('na2d_qk', backend, query, has_rpb=rpb is not None) == 'triton':
         from .kernels import na2d_triton
         return na2d_triton.na2d_qk(query, key, kernel_size, dilation, rpb)
-    if backend in ('natten', 'dense'):
-        raise ValueError(f"backend {backend!r} only runs the fused neighborhood_attention_2d, not na2d_qk")
     return _NeighborhoodQK.apply(query.contiguous(), key.contiguous(), rpb, kernel_size, dilation)
 
 
@@ -297,12 +231,9 @@ def na2d_av(attn: torch.Tensor, value: torch.Tensor, kernel_size: int, dilation:
         (B, heads, H, W, head_dim).
     """
     _check_av(attn, value, kernel_size, dilation)
-    backend = _resolve_backend(backend, value, False, fused=False)
-    if backend == 'triton':
+    if dispatch.resolve('na2d_av', backend, value) == 'triton':
         from .kernels import na2d_triton
         return na2d_triton.na2d_av(attn, value, kernel_size, dilation)
-    if backend in ('natten', 'dense'):
-        raise ValueError(f"backend {backend!r} only runs the fused neighborhood_attention_2d, not na2d_av")
     return _NeighborhoodAV.apply(attn.contiguous(), value.contiguous(), kernel_size, dilation)
 
 
@@ -317,8 +248,9 @@ def neighborhood_attention_2d(query: torch.Tensor, key: torch.Tensor, value: tor
         dilation: dilation d >= 1.
         rpb: optional (heads, 2k-1, 2k-1) relative position bias, added after scaling.
         scale: multiplies q.k only; default head_dim ** -0.5.
-        backend: 'auto' (fused kernel where verified, dense attention for small maps on CPU, else the
-            reference) | 'torch' | 'dense' | 'triton' | 'natten'.
+        backend: 'auto' (zoo.layers.kernels.dispatch: the Triton kernel on CUDA where verified, natten on CUDA
+            without rpb where no verified kernel runs, dense attention for small maps off CUDA, else the
+            reference) | 'torch' | 'triton' | 'natten' | 'dense'.
 
     Returns:
         (B, heads, H, W, head_dim).
@@ -329,13 +261,13 @@ def neighborhood_attention_2d(query: torch.Tensor, key: torch.Tensor, value: tor
     if value.dtype != query.dtype or value.device != query.device:
         raise ValueError('query, key and value must share dtype and device')
     scale = query.shape[-1] ** -0.5 if scale is None else scale
-    backend = _resolve_backend(backend, query, rpb is not None, fused=True)
+    backend = dispatch.resolve('na2d', backend, query, has_rpb=rpb is not None)
     if backend == 'triton':
         from .kernels import na2d_triton
         return na2d_triton.neighborhood_attention_2d(query, key, value, kernel_size, dilation, rpb, scale)
     if backend == 'natten':
         from .kernels import natten_backend
-        return natten_backend.neighborhood_attention_2d(query, key, value, kernel_size, dilation, rpb, scale)
+        return natten_backend.neighborhood_attention_2d(query, key, value, kernel_size, dilation, scale)
     if backend == 'dense':
         from .kernels import na2d_dense
         return na2d_dense.neighborhood_attention_2d(query, key, value, kernel_size, dilation, rpb, scale)

@@ -15,14 +15,14 @@ fake kernel and autograd, and torch.compile / torch.export see single ops. A pro
 of one (batch, head) and the whole head dimension; accumulation is fp32. With k*k = 9 tiny dot products
 per pixel the op is memory bound, so there is no tl.dot tiling: each neighbour row is read once per slot.
 """
-import contextlib
 from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
 
-from ..aggregated_attn import window_valid_mask
+from ..window_geometry import window_valid_mask
+from .triton_common import on_device
 
 __all__ = ['window_qk', 'window_av']
 
@@ -109,17 +109,12 @@ def _grid(x: torch.Tensor):
     return triton.cdiv(height * width, _block_m(x)), batch * heads
 
 
-def _on_device(x: torch.Tensor):
-    """Context that makes x's GPU current: Triton launches on the current device, not the tensor's."""
-    return torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
-
-
 def _dot(a: torch.Tensor, b: torch.Tensor, bias: Optional[torch.Tensor], kernel_size: int,
          neg_inf_fill: bool) -> torch.Tensor:
     a, b = a.contiguous(), b.contiguous()
     batch, heads, height, width, dim = a.shape
     out = a.new_empty(batch, heads, height, width, kernel_size * kernel_size)
-    with _on_device(a):
+    with on_device(a):
         _window_dot_kernel[_grid(a)](
             a, b, a if bias is None else bias.contiguous(), out, height, width, heads, DIM=dim,
             BLOCK_D=triton.next_power_of_2(dim), BLOCK_M=_block_m(a), KERNEL=kernel_size, HAS_BIAS=bias is not None,
@@ -131,7 +126,7 @@ def _sum(weights: torch.Tensor, rows: torch.Tensor, kernel_size: int, transpose:
     weights, rows = weights.contiguous(), rows.contiguous()
     height, width, dim = rows.shape[2:]
     out = torch.empty_like(rows)
-    with _on_device(rows):
+    with on_device(rows):
         _window_sum_kernel[_grid(rows)](
             weights, rows, out, height, width, DIM=dim, BLOCK_D=triton.next_power_of_2(dim),
             BLOCK_M=_block_m(rows), KERNEL=kernel_size, TRANSPOSE=transpose)
@@ -209,7 +204,8 @@ _sum_op.register_autograd(_sum_grad, setup_context=_pair_setup_context)
 
 @torch.library.custom_op('zoo::window_scatter', mutates_args=())
 def _scatter_op(weights: torch.Tensor, rows: torch.Tensor, kernel_size: int) -> torch.Tensor:
-    """(B, heads, H, W, d): transpose of window_sum in its rows, out[p] = sum_t weights[p - off(t), t] * rows[p - off(t)]."""
+    """(B, heads, H, W, d): transpose of window_sum in its rows,
+    out[p] = sum_t weights[p - off(t), t] * rows[p - off(t)]."""
     return _sum(weights, rows, kernel_size, transpose=True)
 
 

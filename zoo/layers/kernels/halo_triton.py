@@ -8,14 +8,14 @@ factorised relative logits come in per-query, per-window-row/column form (comput
 Two `torch.library.custom_op`s in the `zoo` namespace (`halo_fwd`, `halo_bwd`) with fake kernels and autograd,
 so torch.compile and torch.export see single ops.
 
-Kernel design. One program per (batch * head, query block, chunk of at most MAX_QUERY_ROWS of the block's
-(b/s)^2 queries, padded to a power of two >= 16 rows for tl.dot); it walks its (b + 2h)^2 window one key row at a time (a row padded to a
-power of two >= 16 columns), with an online softmax; keys outside the map load as zeros and, in masked mode,
-are excluded. The relative logit of (query m, key (ky, kx)) is rel_h[m, ky] + rel_w[m, kx]: a column and a
-tile held in registers. The backward recomputes the probabilities from the forward's log-sum-exp; each program
-writes dq, d rel_h, d rel_w of its own queries and its chunk's share of dk, dv of the block's window (no
-atomics); the chunks' shares are summed and the overlapping windows then folded onto the map with F.fold, the
-exact transpose of the reference's unfold.
+Kernel design. One program per (batch * head, query block, chunk of at most MAX_QUERY_ROWS of the block's (b/s)^2
+queries, padded to a power of two >= 16 rows for tl.dot); it walks its (b + 2h)^2 window one key row at a time (a
+row padded to a power of two >= 16 columns), with an online softmax; keys outside the map load as zeros and, in
+masked mode, are excluded. The relative logit of (query m, key (ky, kx)) is rel_h[m, ky] + rel_w[m, kx]: a column
+and a tile held in registers. The backward recomputes the probabilities from the forward's log-sum-exp; each
+program writes dq, d rel_h, d rel_w of its own queries and its chunk's share of dk, dv of the block's window (no
+atomics); the chunks' shares are summed and the overlapping windows then folded onto the map with F.fold, the exact
+transpose of the reference's unfold.
 """
 from typing import Tuple
 
@@ -24,8 +24,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-# launch helpers shared with the neighbourhood kernels: padded block sizes, tl.dot precision, current device
-from .na2d_triton import _block_dim, _on_device, _precision
+from .triton_common import block_dim, dot_precision, on_device
 
 __all__ = ['halo_attention_2d']
 
@@ -194,12 +193,12 @@ def _launch(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, block_s
     win = block_size + 2 * halo_size
     n_w = width // block_size
     n_blocks = (height // block_size) * n_w
-    rows = min(_block_dim(block_q * block_q), MAX_QUERY_ROWS)
+    rows = min(block_dim(block_q * block_q), MAX_QUERY_ROWS)
     n_chunks = triton.cdiv(block_q * block_q, rows)
     meta = dict(H=height, W=width, Hq=q_height, Wq=q_width, n_w=n_w, n_blocks=n_blocks, n_chunks=n_chunks,
                 block_size=block_size, halo_size=halo_size, BQ=block_q, WIN=win, QK_DIM=qk_dim,
-                V_DIM=value.shape[-1], BLOCK_M=rows, BLOCK_W=_block_dim(win), BLOCK_QK=_block_dim(qk_dim),
-                BLOCK_V=_block_dim(value.shape[-1]), MASKED=masked, PRECISION=_precision(query.dtype))
+                V_DIM=value.shape[-1], BLOCK_M=rows, BLOCK_W=block_dim(win), BLOCK_QK=block_dim(qk_dim),
+                BLOCK_V=block_dim(value.shape[-1]), MASKED=masked, PRECISION=dot_precision(query.dtype))
     return (batch * heads * n_blocks * n_chunks,), meta
 
 
@@ -209,7 +208,7 @@ def _forward(query, key, value, rel_h, rel_w, block_size, halo_size, scale, mask
     out = value.new_empty(*query.shape[:4], value.shape[-1])
     lse = query.new_empty(query.shape[:4], dtype=torch.float32)
     grid, meta = _launch(query, key, value, block_size, halo_size, masked)
-    with _on_device(query):
+    with on_device(query):
         _halo_fwd_kernel[grid](query, key, value, rel_h, rel_w, out, lse, scale=scale, **meta)
     return out, lse
 
@@ -242,7 +241,7 @@ def _backward(grad_out, query, key, value, rel_h, rel_w, out, lse, block_size, h
     grad_query = query.new_empty(query.shape)
     grad_rel_h = rel_h.new_empty(rel_h.shape, dtype=torch.float32)
     grad_rel_w = rel_w.new_empty(rel_w.shape, dtype=torch.float32)
-    with _on_device(query):
+    with on_device(query):
         _halo_bwd_kernel[grid](query, key, value, rel_h, rel_w, grad_out, lse, delta, grad_query, dk_win, dv_win,
                                grad_rel_h, grad_rel_w, scale=scale, **meta)
     height, width = key.shape[2:4]

@@ -2,18 +2,18 @@
 
 Exactly the reference's semantics (same index tables): every key outside a query's window gets -inf, every key
 inside gets its relative position bias, and `scaled_dot_product_attention` does the rest in a few large BLAS
-calls. It costs O((HW)^2) memory, so `pick_backend` uses it only while the attention matrix stays small
-(`fits`); there it is several times faster than the reference's k*k small gathers, forward and backward,
+calls. It costs O((HW)^2) memory, so the dispatch table's 'auto' uses it only while the attention matrix stays
+small (`fits`); there it is several times faster than the reference's k*k small gathers, forward and backward,
 which is what makes training small NATs on a CPU practical (figures in benchmarks/RESULTS.md).
 """
 from functools import lru_cache
-from typing import Optional
+from typing import Optional, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..neighborhood import _axis_tables_numpy
+from ..window_geometry import neighborhood_axis_numpy, rpb_index_numpy
 
 __all__ = ['neighborhood_attention_2d', 'fits', 'MAX_TOKENS', 'MAX_ATTENTION_ELEMENTS']
 
@@ -24,9 +24,10 @@ MAX_TOKENS = 400
 MAX_ATTENTION_ELEMENTS = 1 << 25
 
 
-def fits(query: torch.Tensor) -> bool:
-    """True when the dense attention of this (B, heads, H, W, d) query is small enough to be the faster path."""
-    batch, heads, height, width, _ = query.shape
+def fits(shape: Sequence[int]) -> bool:
+    """True when the dense attention of a query of this shape (B, heads, H, W, d) is small enough to be the faster
+    path."""
+    batch, heads, height, width, _ = shape
     tokens = height * width
     return tokens <= MAX_TOKENS and batch * heads * tokens * tokens <= MAX_ATTENTION_ELEMENTS
 
@@ -35,12 +36,11 @@ def fits(query: torch.Tensor) -> bool:
 def _dense_bias_index(height: int, width: int, kernel_size: int, dilation: int) -> np.ndarray:
     """(H*W, H*W) int64: flat rpb index (row * (2k-1) + col) of each (query, key) pair inside the query's window,
     and (2k-1)^2, one past the table, for every pair outside it."""
-    rows, row_bias = _axis_tables_numpy(height, kernel_size, dilation)
-    cols, col_bias = _axis_tables_numpy(width, kernel_size, dilation)
-    span = 2 * kernel_size - 1
+    rows, _ = neighborhood_axis_numpy(height, kernel_size, dilation)
+    cols, _ = neighborhood_axis_numpy(width, kernel_size, dilation)
     keys = (rows[:, None, :, None] * width + cols[None, :, None, :]).reshape(height * width, -1)
-    bias = (row_bias[:, None, :, None] * span + col_bias[None, :, None, :]).reshape(height * width, -1)
-    index = np.full((height * width, height * width), span * span, dtype=np.int64)
+    bias = rpb_index_numpy(height, width, kernel_size, dilation).reshape(height * width, -1)
+    index = np.full((height * width, height * width), (2 * kernel_size - 1) ** 2, dtype=np.int64)
     np.put_along_axis(index, keys, bias, axis=1)
     index.flags.writeable = False
     return index

@@ -22,7 +22,6 @@ backward recomputes the probabilities from the forward's log-sum-exp; dq comes f
 pass, dk and dv from the key-side pass (no atomics), and the rpb gradient from fp32 atomics spread
 over a few partial buffers (summed afterwards) to limit same-address contention.
 """
-import contextlib
 from dataclasses import dataclass
 from typing import Optional, Tuple
 
@@ -30,7 +29,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ..neighborhood import neighborhood_indices
+from ..window_geometry import scatter_rpb
+from .triton_common import block_dim, dot_precision, on_device
 
 __all__ = ['na2d_qk', 'na2d_av', 'neighborhood_attention_2d']
 
@@ -452,16 +452,6 @@ def _scatter_kernel(w_ptr, x_ptr, out_ptr, H, W,
 # Launchers.
 # ----------------------------------------------------------------------------------------------
 
-def _block_dim(dim: int) -> int:
-    """Head dimension padded to a power of two, at least 16 (tl.dot's smallest K)."""
-    return max(16, triton.next_power_of_2(dim))
-
-
-def _precision(dtype: torch.dtype) -> str:
-    """tl.dot input precision: exact fp32 products for fp32 (the reference is fp32, not tf32)."""
-    return 'ieee' if dtype == torch.float32 else 'tf32'
-
-
 def _launch(x: torch.Tensor, kernel_size: int, dilation: int) -> Tuple[Tuple[int], dict]:
     """Grid and shared meta-parameters for a kernel over x (B, heads, H, W, ...).
 
@@ -474,14 +464,9 @@ def _launch(x: torch.Tensor, kernel_size: int, dilation: int) -> Tuple[Tuple[int
     tiles_w = triton.cdiv(triton.cdiv(width, dilation), cfg.tile_w)
     grid = (batch * heads * dilation * dilation * tiles_h * tiles_w,)
     meta = dict(kernel_size=kernel_size, dilation=dilation, TILE_H=cfg.tile_h, TILE_W=cfg.tile_w,
-                BLOCK_N=cfg.block_n, PRECISION=_precision(x.dtype), num_warps=cfg.num_warps,
+                BLOCK_N=cfg.block_n, PRECISION=dot_precision(x.dtype), num_warps=cfg.num_warps,
                 num_stages=cfg.num_stages)
     return grid, meta
-
-
-def _on_device(x: torch.Tensor):
-    """Context that makes x's GPU current: Triton launches on the current device, not the tensor's."""
-    return torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
 
 
 def _fused_forward(query, key, value, rpb, kernel_size, dilation, scale):
@@ -492,11 +477,11 @@ def _fused_forward(query, key, value, rpb, kernel_size, dilation, scale):
     out = value.new_empty(batch, heads, height, width, v_dim)
     lse = query.new_empty(batch, heads, height, width, dtype=torch.float32)
     grid, meta = _launch(query, kernel_size, dilation)
-    with _on_device(query):
+    with on_device(query):
         _fused_fwd_kernel[grid](
             query, key, value, query if rpb is None else rpb.contiguous(), out, lse, height, width, heads,
-            scale * _LOG2E.value, QK_DIM=qk_dim, V_DIM=v_dim, BLOCK_QK=_block_dim(qk_dim),
-            BLOCK_V=_block_dim(v_dim), HAS_RPB=rpb is not None, **meta)
+            scale * _LOG2E.value, QK_DIM=qk_dim, V_DIM=v_dim, BLOCK_QK=block_dim(qk_dim),
+            BLOCK_V=block_dim(v_dim), HAS_RPB=rpb is not None, **meta)
     return out, lse
 
 
@@ -513,9 +498,9 @@ def _fused_backward(grad_out, query, key, value, out, lse, rpb, kernel_size, dil
     if rpb_grad:
         drpb_parts = torch.zeros(_RPB_GRAD_COPIES, *rpb.shape, device=query.device, dtype=torch.float32)
     grid, meta = _launch(query, kernel_size, dilation)
-    dims = dict(QK_DIM=qk_dim, V_DIM=v_dim, BLOCK_QK=_block_dim(qk_dim), BLOCK_V=_block_dim(v_dim),
+    dims = dict(QK_DIM=qk_dim, V_DIM=v_dim, BLOCK_QK=block_dim(qk_dim), BLOCK_V=block_dim(v_dim),
                 HAS_RPB=rpb is not None)
-    with _on_device(query):
+    with on_device(query):
         _fused_bwd_q_kernel[grid](
             query, key, value, rpb_arg, grad_out, lse, delta, grad_query, drpb_parts, height, width, heads,
             scale * _LOG2E.value, scale, RPB_GRAD=rpb_grad, RPB_COPIES=_RPB_GRAD_COPIES, **dims, **meta)
@@ -531,9 +516,9 @@ def _qk_forward(query, key, rpb, kernel_size, dilation):
     batch, heads, height, width, dim = query.shape
     logits = query.new_empty(batch, heads, height, width, kernel_size * kernel_size)
     grid, meta = _launch(query, kernel_size, dilation)
-    with _on_device(query):
+    with on_device(query):
         _qk_kernel[grid](query, key, query if rpb is None else rpb.contiguous(), logits, height, width, heads,
-                         DIM=dim, BLOCK_D=_block_dim(dim), HAS_RPB=rpb is not None, **meta)
+                         DIM=dim, BLOCK_D=block_dim(dim), HAS_RPB=rpb is not None, **meta)
     return logits
 
 
@@ -543,8 +528,8 @@ def _av_forward(attn, value, kernel_size, dilation):
     dim = value.shape[-1]
     out = torch.empty_like(value)
     grid, meta = _launch(value, kernel_size, dilation)
-    with _on_device(value):
-        _av_kernel[grid](attn, value, out, value.shape[2], value.shape[3], DIM=dim, BLOCK_D=_block_dim(dim),
+    with on_device(value):
+        _av_kernel[grid](attn, value, out, value.shape[2], value.shape[3], DIM=dim, BLOCK_D=block_dim(dim),
                          **meta)
     return out
 
@@ -555,8 +540,8 @@ def _scatter_forward(weights, x, kernel_size, dilation):
     dim = x.shape[-1]
     out = torch.empty_like(x)
     grid, meta = _launch(x, kernel_size, dilation)
-    with _on_device(x):
-        _scatter_kernel[grid](weights, x, out, x.shape[2], x.shape[3], DIM=dim, BLOCK_D=_block_dim(dim), **meta)
+    with on_device(x):
+        _scatter_kernel[grid](weights, x, out, x.shape[2], x.shape[3], DIM=dim, BLOCK_D=block_dim(dim), **meta)
     return out
 
 
@@ -622,13 +607,7 @@ def _rpb_grad_op(grad_logits: torch.Tensor, kernel_size: int, dilation: int) -> 
     An op of its own so that tracing (dynamic shapes included) never sees the index tables, which
     are built from concrete sizes.
     """
-    batch, heads, height, width, _ = grad_logits.shape
-    span = 2 * kernel_size - 1
-    _, row_bias = neighborhood_indices(height, kernel_size, dilation, grad_logits.device)
-    _, col_bias = neighborhood_indices(width, kernel_size, dilation, grad_logits.device)
-    flat = (row_bias[:, None, :, None] * span + col_bias[None, :, None, :]).reshape(-1)
-    per_head = grad_logits.float().sum(0).reshape(heads, -1)
-    return per_head.new_zeros(heads, span * span).index_add_(1, flat, per_head).view(heads, span, span)
+    return scatter_rpb(grad_logits.float(), kernel_size, dilation)
 
 
 @_rpb_grad_op.register_fake

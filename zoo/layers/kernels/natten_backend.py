@@ -5,8 +5,6 @@ dilation groups) but wants heads-last tensors, so this module only permutes and 
 NATTEN kernel runs is NATTEN's choice; without its compiled library (a CPU-only install) that is
 'flex-fna', which has no backward on CPU and needs a power-of-two head_dim in [8, 512].
 """
-from typing import Optional
-
 import torch
 
 __all__ = ['neighborhood_attention_2d']
@@ -24,26 +22,22 @@ def _import_natten():
 
 
 def neighborhood_attention_2d(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, kernel_size: int,
-                              dilation: int, rpb: Optional[torch.Tensor], scale: float) -> torch.Tensor:
+                              dilation: int, scale: float) -> torch.Tensor:
     """softmax(scale * q.k) @ v over each query's dilated, border-shifted k x k window, run by natten.na2d.
 
-    Inputs are validated by the caller, zoo.layers.neighborhood.neighborhood_attention_2d.
+    Inputs are validated by the caller, zoo.layers.neighborhood.neighborhood_attention_2d, and the dispatch table
+    sends no call with a relative position bias here (NATTEN >= 0.20 dropped it).
 
     Args:
         query, key, value: (B, heads, H, W, head_dim).
         kernel_size: odd window size k.
         dilation: dilation d >= 1.
-        rpb: must be None; NATTEN >= 0.20 dropped relative position bias.
         scale: multiplies q.k.
 
     Returns:
         (B, heads, H, W, head_dim), a permuted view of NATTEN's heads-last output (callers that go
         back to channels-last then get a contiguous tensor without a copy).
     """
-    # Checked before the import so the error names the real problem even where natten is missing.
-    if rpb is not None:
-        raise ValueError("backend='natten' does not support rpb (NATTEN >= 0.20 has no relative position bias); "
-                         "use backend='torch' or 'triton' for models with rpb")
     natten = _import_natten()
     # (B, heads, H, W, D) -> NATTEN's (B, H, W, heads, D); NATTEN makes its inputs contiguous itself.
     heads_last = [t.permute(0, 2, 3, 1, 4) for t in (query, key, value)]
