@@ -1,7 +1,7 @@
 """Encode/decode seconds per image of learned codecs against CompressAI's cheng2020-anchor and mbt2018, same run.
 
 Every codec codes the same 512x512 photo (scikit-image's astronaut, cropped or resized to --img-size) through the
-zoo's bitstream container (zoo.layers.bitstream.compress_image / decompress_image: padding, the codec's compress /
+zoo's bitstream container (zoo.codecs.bitstream.compress_image / decompress_image: padding, the codec's compress /
 decompress with the range coder, header and checksums), so the figures are what `zoo eval --task compression`
 measures per image. Weights are random (no pretrained download; S2LIC has no official weights): timing does not
 need trained weights, but the bitrates are meaningless and not reported as results. The baselines are the largest
@@ -24,8 +24,7 @@ from PIL import Image
 from skimage import data as skdata
 
 from benchmarks.na2d_cpu import CLOCKS, cpu_model, interleaved_medians
-from zoo.layers.bitstream import compress_image, decompress_image
-from zoo.tasks.compression import create_codec
+from zoo.codecs import compress_image, create_codec, decompress_image
 
 BASELINES = {'compressai:cheng2020-anchor': 6, 'compressai:mbt2018': 8}  # name -> quality (config size)
 

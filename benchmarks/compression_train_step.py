@@ -16,7 +16,8 @@ from typing import Dict
 import torch
 
 from benchmarks.na2d_cpu import CLOCKS, cpu_model, interleaved_medians
-from zoo.tasks.compression import LAMBDAS, create_codec, rate_distortion_loss
+from zoo.codecs import create_codec
+from zoo.tasks.compression import LAMBDAS, rate_distortion_loss
 
 LAYOUTS = {'standard': torch.contiguous_format, 'channels_last': torch.channels_last}
 

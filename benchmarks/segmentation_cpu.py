@@ -36,12 +36,15 @@ def _rss_mib() -> float:
 
 
 def measure(name: str, args: argparse.Namespace) -> Dict:
-    """One model's training-step time (s) and peak memory (MiB), in the calling (fresh) process."""
-    import zoo  # noqa: F401  (registers the zoo's models in the spawned process)
-    from zoo.layers import kernels
+    """One model's training-step time (s) and peak memory (MiB), in the calling (fresh) process; with --kernels, only
+    those Triton kernels may run on CUDA."""
+    from zoo.layers.kernels import GPU_VERIFIED, gpu_kernels
+    with gpu_kernels(GPU_VERIFIED if args.kernels is None else args.kernels):
+        return _measure_step(name, args)
+
+
+def _measure_step(name: str, args: argparse.Namespace) -> Dict:
     from zoo.tasks.segmentation import build_segmenter
-    if args.kernels is not None:
-        kernels.GPU_VERIFIED = frozenset(args.kernels)  # what backend='auto' may pick on CUDA
     torch.manual_seed(0)
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)

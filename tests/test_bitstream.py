@@ -1,4 +1,4 @@
-"""zoo.layers.bitstream: round trips equal the eval forward, every damaged or foreign stream is a BitstreamError,
+"""zoo.codecs.bitstream: round trips equal the eval forward, every damaged or foreign stream is a BitstreamError,
 fresh-process decoding with another thread count, automatic CDF-table refresh, RGB checks."""
 import io
 import struct
@@ -13,9 +13,10 @@ from compressai.models import ScaleHyperprior
 from PIL import Image
 
 from conftest import REPO
-from zoo.layers.bitstream import (BitstreamError, MAX_PIXELS, compress_image, decompress_image, load_rgb,
-                                  read_header, reconstruct_image, to_uint8)
-from zoo.tasks.compression import save_codec
+from zoo.codecs import save_codec
+from zoo.codecs.bitstream import (BitstreamError, MAX_PIXELS, compress_image, decompress_image, read_header,
+                                  reconstruct_image, to_uint8)
+from zoo.data.images import load_rgb
 
 MODEL = 'tiny_hyperprior'
 
@@ -143,8 +144,7 @@ def test_stale_tables_are_refreshed_before_compressing():
 
 _DECODE_SCRIPT = """
 import sys, torch
-from zoo.layers.bitstream import decompress_image
-from zoo.tasks.compression import load_codec
+from zoo.codecs import decompress_image, load_codec
 torch.set_num_threads(int(sys.argv[1]))
 codec, _ = load_codec(sys.argv[2])
 pixels = decompress_image(codec, open(sys.argv[3], 'rb').read(), sys.argv[4])
@@ -228,7 +228,7 @@ def test_load_rgb_strict_rejects_and_convert_converts(tmp_path):
 
 
 def test_s2lic_tiny_decodes_exactly_its_eval_forward_reconstruction():
-    from zoo.tasks.compression import create_codec
+    from zoo.codecs import create_codec
     torch.manual_seed(0)
     codec = create_codec('s2lic_tiny')
     image = _image(45, 70)

@@ -166,7 +166,7 @@ def _check_codec_entry(entry, folder, out):
     the BD-rates against the classic codecs re-measured in the same run are the recorded ones. Bytes are exact on
     one machine; the tolerances leave room for float differences between CPUs, far below the gaps between
     points."""
-    from zoo.tasks.rate_distortion import CLASSIC_CODECS, classic_unavailable
+    from zoo.codecs.classic import CLASSIC_CODECS, classic_unavailable
     checkpoints = [str(folder / name) for name in entry['files']]
     classic = sorted(name for name in entry['bd_rate'] if name in CLASSIC_CODECS and not classic_unavailable(name))
     assert 'jpeg' in classic
@@ -241,7 +241,7 @@ def test_listed_trained_folder_is_checked_by_location(monkeypatch, tmp_path):
 
 
 def test_listed_codec_file_with_another_hash_is_refused(monkeypatch, tmp_path):
-    from zoo.tasks.compression import create_codec, load_codec, save_codec
+    from zoo.codecs import create_codec, load_codec, save_codec
     root = _listing(monkeypatch, tmp_path, trained=[dict(name='codecs', path='codecs', task='compression',
                                                          files={'codec_q1.safetensors': '0' * 64})])
     path = save_codec(create_codec('s2lic_tiny', 1), root / 'codecs' / 'codec_q1.safetensors', 's2lic_tiny', 1, {})

@@ -11,11 +11,13 @@ from PIL import Image
 from safetensors.torch import save_file
 
 from conftest import REPO
-from zoo.data.photos import PHOTOS, RandomCropDataset, export_photos, image_files, load_photo, photo_names
-from zoo.layers.bitstream import compress_image, decompress_image, load_rgb, read_header, to_uint8
-from zoo.recipes import RecipeError, load_recipe
-from zoo.tasks import compression
-from zoo.tasks.compression import LAMBDAS, create_codec, evaluate_codec, load_codec, rate_distortion_loss, save_codec
+from zoo.codecs import create_codec, load_codec, save_codec
+from zoo.codecs.bitstream import compress_image, decompress_image, read_header, to_uint8
+from zoo.data.images import image_files, load_rgb
+from zoo.data.photos import PHOTOS, RandomCropDataset, export_photos, load_photo, photo_names
+from zoo.recipes import RecipeError
+from zoo.tasks import compression, load_recipe
+from zoo.tasks.compression import LAMBDAS, held_out_point, rate_distortion_loss
 
 QUICKSTART = REPO / 'recipes' / 'compression' / 'quickstart.yaml'
 TINY_CODEC = ['model.name=compressai:bmshj2018-hyperprior', 'model.N=8', 'model.M=12']
@@ -149,7 +151,7 @@ def test_train_writes_codec_and_held_out_metrics_from_real_bitstreams(data_root,
     codec, meta = load_codec(run / 'model' / 'codec_q3.safetensors')
     assert meta['kwargs'] == {'N': 8, 'M': 12} and meta['lmbda'] == LAMBDAS['mse'][3]
     test_files = image_files(data_root / 'test')
-    again = evaluate_codec(codec, test_files, 'compressai:bmshj2018-hyperprior', 3)
+    again = held_out_point(codec, test_files, 'compressai:bmshj2018-hyperprior', 3)
     assert again['bpp'] == pytest.approx(metrics['test_bpp']) and again['psnr'] == pytest.approx(metrics['test_psnr'])
     image = load_rgb(test_files[0])
     data = compress_image(codec, image, 'compressai:bmshj2018-hyperprior', 3)

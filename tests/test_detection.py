@@ -13,7 +13,7 @@ from conftest import REPO
 from tiny_configs import tiny_kwargs
 from zoo.data.coco import CocoInstances, detection_collate, shapes_coco
 from zoo.data.shapes import ShapesConfig, render_sample
-from zoo.recipes import load_recipe
+from zoo.tasks import load_recipe
 from zoo.tasks import detection
 from zoo.tasks.detection import (ARCHS, FeaturePyramidBackbone, HeadConfig, build_detector, coco_evaluate,
                                  evaluate, load_backbone_weights, validate_images)

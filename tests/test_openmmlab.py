@@ -167,7 +167,8 @@ def _manifest_keys(folder: str, variant: str):
 
 def _official_layout(path: Path):
     """(backbone cfg, official downstream key -> shape, head in_channels) for a full-size config, from the
-    classification key manifest and the anchors' description of the downstream backbone."""
+    classification key manifest and the downstream backbone's description (docs/nat_dinat.md §6-7, docs/transnext.md
+    §7, docs/overlock.md §7)."""
     backbone_cfg, in_channels = _backbone_cfg(path)
     kind = backbone_cfg.type
     if kind in ('NAT', 'DiNAT'):

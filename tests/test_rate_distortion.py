@@ -13,11 +13,12 @@ from skimage import data as skdata
 from skimage.metrics import peak_signal_noise_ratio
 
 from zoo import cli
-from zoo.layers.bitstream import compress_image, decompress_image, padded_input
-from zoo.tasks import rate_distortion as rd
-from zoo.tasks.compression import create_codec, load_codec, save_codec
+from zoo.codecs import bd_rate as bd
+from zoo.codecs import classic, metrics, report
+from zoo.codecs.bitstream import compress_image, decompress_image, padded_input
+from zoo.codecs.factory import create_codec, load_codec, save_codec
 
-AVAILABLE_CLASSIC = [name for name in rd.CLASSIC_CODECS if rd.classic_unavailable(name) is None]
+AVAILABLE_CLASSIC = [name for name in classic.CLASSIC_CODECS if classic.classic_unavailable(name) is None]
 
 # model names load_codec rebuilds (8-channel variants through create_codec's N/M overrides); both decode exactly
 # what their eval forward reconstructs. OURS stands in for S2LIC, BASELINE is the issue's baseline architecture.
@@ -42,10 +43,10 @@ def test_psnr_matches_numpy_and_scikit_image():
     noisy = _noisy(image, 6.0)
     a, b = image.numpy().astype(np.float64), noisy.numpy().astype(np.float64)
     by_hand = 10 * np.log10(255.0 ** 2 / np.mean((a - b) ** 2))
-    assert rd.psnr_uint8(image, noisy) == pytest.approx(by_hand, abs=1e-9)
-    assert rd.psnr_uint8(image, noisy) == pytest.approx(
+    assert metrics.psnr_uint8(image, noisy) == pytest.approx(by_hand, abs=1e-9)
+    assert metrics.psnr_uint8(image, noisy) == pytest.approx(
         peak_signal_noise_ratio(image.numpy(), noisy.numpy(), data_range=255), abs=1e-9)
-    assert rd.psnr_uint8(image, image) == math.inf
+    assert metrics.psnr_uint8(image, image) == math.inf
 
 
 def test_ms_ssim_matches_compressai_eval_and_guards_small_images():
@@ -53,23 +54,23 @@ def test_ms_ssim_matches_compressai_eval_and_guards_small_images():
     image = _photo(176, 192)
     noisy = _noisy(image, 10.0)
     expected = compute_metrics(image[None].float() / 255, noisy[None].float() / 255)
-    assert rd.ms_ssim_uint8(image, noisy) == pytest.approx(expected['ms-ssim-rgb'], abs=1e-6)
-    assert rd.psnr_uint8(image, noisy) == pytest.approx(expected['psnr-rgb'], abs=1e-4)
-    assert rd.ms_ssim_uint8(image, image) == pytest.approx(1.0, abs=1e-6)
-    assert rd.ms_ssim_uint8(image[:, :160], noisy[:, :160]) is None  # 160 px: too small for 5 scales
+    assert metrics.ms_ssim_uint8(image, noisy) == pytest.approx(expected['ms-ssim-rgb'], abs=1e-6)
+    assert metrics.psnr_uint8(image, noisy) == pytest.approx(expected['psnr-rgb'], abs=1e-4)
+    assert metrics.ms_ssim_uint8(image, image) == pytest.approx(1.0, abs=1e-6)
+    assert metrics.ms_ssim_uint8(image[:, :160], noisy[:, :160]) is None  # 160 px: too small for 5 scales
 
 
 @pytest.mark.parametrize('bad', [torch.zeros(3, 8, 8), torch.zeros(4, 8, 8, dtype=torch.uint8),
                                  torch.zeros(8, 8, dtype=torch.uint8), torch.zeros(3, 8, 9, dtype=torch.uint8)])
 def test_metrics_refuse_wrong_inputs(bad):
     with pytest.raises(ValueError):
-        rd.psnr_uint8(torch.zeros(3, 8, 8, dtype=torch.uint8), bad)
+        metrics.psnr_uint8(torch.zeros(3, 8, 8, dtype=torch.uint8), bad)
     with pytest.raises(ValueError):
-        rd.ms_ssim_uint8(torch.zeros(3, 8, 8, dtype=torch.uint8), bad)
+        metrics.ms_ssim_uint8(torch.zeros(3, 8, 8, dtype=torch.uint8), bad)
 
 
 def test_bits_per_pixel_counts_original_pixels():
-    assert rd.bits_per_pixel(100, 10, 20) == 8 * 100 / 200
+    assert metrics.bits_per_pixel(100, 10, 20) == 8 * 100 / 200
 
 
 # ----------------------------------------------------------------------------------------------- BD-rate
@@ -81,14 +82,14 @@ ANCHOR_PSNR = [24 + 4 * math.log(r) + 10 for r in ANCHOR_BPP]
 
 @pytest.mark.parametrize('method', ['cubic', 'pchip'])
 def test_bd_rate_of_identical_curves_is_zero(method):
-    assert rd.bd_rate((ANCHOR_BPP, ANCHOR_PSNR), (ANCHOR_BPP, ANCHOR_PSNR), method) == pytest.approx(0, abs=1e-9)
+    assert bd.bd_rate((ANCHOR_BPP, ANCHOR_PSNR), (ANCHOR_BPP, ANCHOR_PSNR), method) == pytest.approx(0, abs=1e-9)
 
 
 @pytest.mark.parametrize('method', ['cubic', 'pchip'])
 def test_bd_rate_of_rates_scaled_by_point_nine_is_minus_ten_percent(method):
     psnr = [30.1, 32.0, 33.2, 35.9, 37.0]  # any monotonic curve: scaling rates shifts log-rate by ln 0.9
     test = ([0.9 * r for r in ANCHOR_BPP], psnr)
-    assert rd.bd_rate((ANCHOR_BPP, psnr), test, method) == pytest.approx(-10.0, abs=1e-9)
+    assert bd.bd_rate((ANCHOR_BPP, psnr), test, method) == pytest.approx(-10.0, abs=1e-9)
 
 
 @pytest.mark.parametrize('method', ['cubic', 'pchip'])
@@ -97,8 +98,8 @@ def test_bd_rate_of_a_psnr_shift_follows_the_slope(method):
     shift, slope = 0.5, 4.0
     test = (ANCHOR_BPP, [p + shift for p in ANCHOR_PSNR])
     expected = (math.exp(-shift / slope) - 1) * 100
-    assert rd.bd_rate((ANCHOR_BPP, ANCHOR_PSNR), test, method) == pytest.approx(expected, abs=1e-9)
-    assert rd.bd_rate(test, (ANCHOR_BPP, ANCHOR_PSNR), method) == pytest.approx(
+    assert bd.bd_rate((ANCHOR_BPP, ANCHOR_PSNR), test, method) == pytest.approx(expected, abs=1e-9)
+    assert bd.bd_rate(test, (ANCHOR_BPP, ANCHOR_PSNR), method) == pytest.approx(
         (math.exp(shift / slope) - 1) * 100, abs=1e-9)
 
 
@@ -106,19 +107,19 @@ def test_bd_rate_ignores_point_order():
     order = [3, 0, 4, 1, 2]
     shuffled = ([ANCHOR_BPP[i] for i in order], [ANCHOR_PSNR[i] + 0.3 for i in order])
     ordered = (ANCHOR_BPP, [p + 0.3 for p in ANCHOR_PSNR])
-    assert rd.bd_rate((ANCHOR_BPP, ANCHOR_PSNR), shuffled) == rd.bd_rate((ANCHOR_BPP, ANCHOR_PSNR), ordered)
+    assert bd.bd_rate((ANCHOR_BPP, ANCHOR_PSNR), shuffled) == bd.bd_rate((ANCHOR_BPP, ANCHOR_PSNR), ordered)
 
 
 def test_bd_rate_reproduces_s2lic_vs_compressai_vtm():
-    """anchors/s2lic.md §6: S2LIC's Kodak points (read off the paper figure) against the first 6 points of
+    """docs/s2lic.md §6: S2LIC's Kodak points (read off the paper figure) against the first 6 points of
     CompressAI's results/image/kodak/vtm.json (commit 128f003) give -9.9 % (cubic; PCHIP within 0.3 %)."""
     vtm_bpp = [0.04824490017361111, 0.11249542236328125, 0.24581654866536465, 0.4905454847547744,
                0.8748101128472224, 1.43084971110026]
     vtm_psnr = [26.14484539430146, 28.493021754424603, 31.199873720014093, 34.26153257289846, 37.419793158067485,
                 40.42444421698711]
     s2lic = ([0.112, 0.189, 0.318, 0.378, 0.617, 0.832], [29.14, 30.74, 32.66, 33.44, 35.83, 37.50])
-    assert rd.bd_rate((vtm_bpp, vtm_psnr), s2lic) == pytest.approx(-9.9, abs=0.05)
-    assert rd.bd_rate((vtm_bpp, vtm_psnr), s2lic, 'pchip') == pytest.approx(-9.9, abs=0.3)
+    assert bd.bd_rate((vtm_bpp, vtm_psnr), s2lic) == pytest.approx(-9.9, abs=0.05)
+    assert bd.bd_rate((vtm_bpp, vtm_psnr), s2lic, 'pchip') == pytest.approx(-9.9, abs=0.3)
 
 
 @pytest.mark.parametrize('anchor, test, match', [
@@ -131,25 +132,25 @@ def test_bd_rate_reproduces_s2lic_vs_compressai_vtm():
 ])
 def test_bd_rate_validates_its_curves(anchor, test, match):
     with pytest.raises(ValueError, match=match):
-        rd.bd_rate(anchor, test)
+        bd.bd_rate(anchor, test)
 
 
 def test_bd_rate_pchip_takes_three_points_and_unknown_method_fails():
     three = (ANCHOR_BPP[1:4], ANCHOR_PSNR[1:4])
-    assert rd.bd_rate((ANCHOR_BPP, ANCHOR_PSNR), three, 'pchip') == pytest.approx(0, abs=1e-9)
+    assert bd.bd_rate((ANCHOR_BPP, ANCHOR_PSNR), three, 'pchip') == pytest.approx(0, abs=1e-9)
     with pytest.raises(ValueError, match='unknown BD-rate method'):
-        rd.bd_rate((ANCHOR_BPP, ANCHOR_PSNR), three, 'spline')
+        bd.bd_rate((ANCHOR_BPP, ANCHOR_PSNR), three, 'spline')
 
 
 def test_data_photos_is_the_exported_held_out_split(tmp_path, monkeypatch):
     from zoo.data.photos import export_photos
-    bundled = rd.load_images('photos')
-    exported = rd.load_images(str(export_photos('test', tmp_path / 'photos')[0].parent))
+    bundled = report.load_images('photos')
+    exported = report.load_images(str(export_photos('test', tmp_path / 'photos')[0].parent))
     assert list(bundled) == list(exported) == ['astronaut.png', 'chelsea.png', 'coffee.png']
     assert all(torch.equal(bundled[name], exported[name]) for name in bundled)
     monkeypatch.chdir(tmp_path)  # a folder named photos is a folder, not the bundled set
     (tmp_path / 'photos' / 'coffee.png').unlink()
-    assert list(rd.load_images('photos')) == ['astronaut.png', 'chelsea.png']
+    assert list(report.load_images('photos')) == ['astronaut.png', 'chelsea.png']
 
 
 # ------------------------------------------------------------------------------------------ classic codecs
@@ -157,33 +158,33 @@ def test_data_photos_is_the_exported_held_out_split(tmp_path, monkeypatch):
 @pytest.mark.parametrize('name', AVAILABLE_CLASSIC)
 def test_classic_codec_bytes_decode_and_bpp_rises_with_quality(name):
     image = _photo(96, 128)
-    sweep = rd.CLASSIC_CODECS[name]['settings']
+    sweep = classic.CLASSIC_CODECS[name]['settings']
     settings = [sweep[0], sweep[len(sweep) // 2], sweep[-1]]
-    points = rd.evaluate_classic(name, {'crop': image}, settings)
+    points = classic.evaluate_classic(name, {'crop': image}, settings)
     bpp = [p['bpp'] for p in points]
     psnr = [p['psnr-rgb'] for p in points]
     assert bpp == sorted(bpp) and len(set(bpp)) == 3 and psnr == sorted(psnr)
-    data = rd.encode_classic(name, image, settings[-1])
-    decoded = rd.decode_classic(data)
+    data = classic.encode_classic(name, image, settings[-1])
+    decoded = classic.decode_classic(data)
     assert decoded.shape == image.shape and decoded.dtype == torch.uint8
     assert points[-1]['bpp'] == pytest.approx(8 * len(data) / (96 * 128))
-    assert points[-1]['psnr-rgb'] == pytest.approx(rd.psnr_uint8(image, decoded))
+    assert points[-1]['psnr-rgb'] == pytest.approx(metrics.psnr_uint8(image, decoded))
     assert points[-1]['ms-ssim-rgb'] is None  # 96 px side: MS-SSIM not defined
 
 
 def test_expected_classic_codecs_are_available_here():
-    """Pillow 13 wheels ship all four (anchors/compressai.md §8); the other tests cover only what is available."""
+    """Pillow 13 wheels ship all four (docs/compression.md §8); the other tests cover only what is available."""
     assert AVAILABLE_CLASSIC == ['jpeg', 'webp', 'avif', 'jpeg2000']
 
 
 def test_classic_codec_lacking_in_pillow_is_reported(monkeypatch):
-    monkeypatch.setattr(rd.features, 'check', lambda feature: feature != 'avif')
-    assert 'no AVIF support' in rd.classic_unavailable('avif')
-    assert rd.classic_unavailable('jpeg') is None
+    monkeypatch.setattr(classic.features, 'check', lambda feature: feature != 'avif')
+    assert 'no AVIF support' in classic.classic_unavailable('avif')
+    assert classic.classic_unavailable('jpeg') is None
     with pytest.raises(RuntimeError, match='avif is unavailable'):
-        rd.evaluate_classic('avif', {'crop': _photo(32, 32)})
+        classic.evaluate_classic('avif', {'crop': _photo(32, 32)})
     with pytest.raises(ValueError, match='unknown classic codec'):
-        rd.classic_unavailable('bpg')
+        classic.classic_unavailable('bpg')
 
 
 # --------------------------------------------------------------------------------------- results and plot
@@ -192,10 +193,10 @@ def test_results_json_round_trip_and_compressai_reads_it(tmp_path):
     from compressai.utils.plot.__main__ import parse_json_file
     points = [dict(bpp=0.1 * (i + 1), **{'psnr-rgb': 30.0 + i, 'ms-ssim-rgb': 0.9 + 0.01 * i,
                                           'encoding_time': 0.01, 'decoding_time': 0.02}) for i in range(4)]
-    results = rd.compressai_results('mycodec', 'Inference (ans)', points)
+    results = report.compressai_results('mycodec', 'Inference (ans)', points)
     path = tmp_path / 'mycodec.json'
-    rd.write_compressai_json(results, str(path))
-    assert rd.read_compressai_json(str(path)) == results
+    report.write_compressai_json(results, str(path))
+    assert report.read_compressai_json(str(path)) == results
     parsed = parse_json_file(path, 'psnr')
     assert parsed['name'] == 'mycodec' and parsed['xs'] == [p['bpp'] for p in points]
     assert parsed['ys'] == [p['psnr-rgb'] for p in points]
@@ -208,15 +209,15 @@ def test_read_compressai_json_refuses_bad_files(tmp_path, text, match):
     path = tmp_path / 'bad.json'
     path.write_text(text)
     with pytest.raises(ValueError, match=match):
-        rd.read_compressai_json(str(path))
+        report.read_compressai_json(str(path))
 
 
 def test_plot_is_written(tmp_path):
-    curve = rd.compressai_results('ours', 'd', [dict(bpp=b, **{'psnr-rgb': p, 'ms-ssim-rgb': None, 'encoding_time': 0,
+    curve = report.compressai_results('ours', 'd', [dict(bpp=b, **{'psnr-rgb': p, 'ms-ssim-rgb': None, 'encoding_time': 0,
                                                              'decoding_time': 0}) for b, p in [(0.2, 30), (0.5, 33)]])
     curve['role'] = 'model'
     path = tmp_path / 'rd.png'
-    rd.plot_rd([curve], str(path), title='test')
+    report.plot_rd([curve], str(path), title='test')
     with Image.open(path) as image:
         assert image.format == 'PNG' and image.width > 500
 
@@ -227,14 +228,14 @@ def test_evaluate_codec_measures_real_bitstreams():
     torch.manual_seed(0)
     codec = ScaleHyperprior(N=8, M=8)  # random init; its eval forward quantises like compress()
     images = {'a': _photo(64, 48), 'b': _photo(40, 72)}
-    point = rd.evaluate_codec(codec, OURS, 3, images)
+    point = metrics.evaluate_codec(codec, OURS, 3, images)
     for name, image in images.items():
         data = compress_image(codec, image, OURS, 3)
         decoded = decompress_image(codec, data, OURS)
         record = point['per_image'][name]
         assert record['bytes'] == len(data)
         assert record['bpp'] == pytest.approx(8 * len(data) / (image.shape[1] * image.shape[2]))
-        assert record['psnr-rgb'] == pytest.approx(rd.psnr_uint8(image, decoded))
+        assert record['psnr-rgb'] == pytest.approx(metrics.psnr_uint8(image, decoded))
         assert record['decode_matches_forward'] and record['max_abs_diff_vs_forward'] == 0
         assert record['encoding_time'] > 0 and record['decoding_time'] > 0
         likelihoods = codec.eval()(padded_input(codec, image))['likelihoods']
@@ -254,14 +255,14 @@ def test_evaluate_codec_records_a_decode_that_differs_from_forward(monkeypatch):
     decoded = decompress_image(codec, compress_image(codec, image, OURS, 1), OURS)
     shifted = decoded.clone()
     shifted[0, 3, 5] = (int(decoded[0, 3, 5]) + 7) % 256
-    monkeypatch.setattr(rd, 'reconstruct_image', lambda codec, image: shifted)
-    point = rd.evaluate_codec(codec, OURS, 1, {'a': image})
+    monkeypatch.setattr(metrics, 'reconstruct_image', lambda codec, image: shifted)
+    point = metrics.evaluate_codec(codec, OURS, 1, {'a': image})
     assert not point['decode_matches_forward']
     assert point['per_image']['a']['max_abs_diff_vs_forward'] == abs(int(shifted[0, 3, 5]) - int(decoded[0, 3, 5]))
 
 
 class _Checkpoints:
-    """Codec checkpoints written by zoo.tasks.compression.save_codec: 8-channel CompressAI models (random init,
+    """Codec checkpoints written by zoo.codecs.save_codec: 8-channel CompressAI models (random init,
     a seed per checkpoint) under the model names that load_codec rebuilds them from."""
 
     def __init__(self, folder):
@@ -300,7 +301,7 @@ def test_evaluate_writes_results_curves_bd_rates_and_plot(tmp_path, image_dir, c
     ours = [checkpoints.add(OURS, q, seed=q) for q in (1, 2, 3)]
     baseline = [checkpoints.add(BASELINE, q, seed=10 + q) for q in (1, 2)]
     json_path, plot_path = tmp_path / 'out' / 'rd.json', tmp_path / 'out' / 'rd.png'
-    summary = rd.evaluate([OURS], ours, str(image_dir), str(json_path), str(plot_path),
+    summary = report.evaluate_rate_distortion([OURS], ours, str(image_dir), str(json_path), str(plot_path),
                           anchor='jpeg', classic=('jpeg', 'webp'), baseline_checkpoints=baseline,
                           classic_settings=SETTINGS)
     assert json.loads(json_path.read_text()) == json.loads(json.dumps(summary))
@@ -315,14 +316,14 @@ def test_evaluate_writes_results_curves_bd_rates_and_plot(tmp_path, image_dir, c
     # the curve's point at quality 2 is exactly evaluate_codec on the same codec and images
     codec = load_codec(ours[1])[0]
     images = {'a.png': _photo(64, 48), 'sub/b.png': _photo(40, 72)}
-    point = rd.evaluate_codec(codec, OURS, 2, images)
+    point = metrics.evaluate_codec(codec, OURS, 2, images)
     assert by_name[OURS]['results']['bpp'][1] == pytest.approx(point['bpp'])
     assert by_name[OURS]['results']['psnr-rgb'][1] == pytest.approx(point['psnr-rgb'])
 
     # BD-rates: vs the anchor, pairwise, each either a number that bd_rate reproduces or None with a reason
     jpeg, webp = by_name['jpeg']['results'], by_name['webp']['results']
     assert summary['bd_rate']['webp'] == pytest.approx(
-        rd.bd_rate((jpeg['bpp'], jpeg['psnr-rgb']), (webp['bpp'], webp['psnr-rgb'])))
+        bd.bd_rate((jpeg['bpp'], jpeg['psnr-rgb']), (webp['bpp'], webp['psnr-rgb'])))
     assert set(summary['bd_rate']) == {OURS, BASELINE, 'webp'}
     for test, row in summary['bd_rate_pairwise'].items():
         for reference, value in row.items():
@@ -339,20 +340,20 @@ def test_evaluate_writes_results_curves_bd_rates_and_plot(tmp_path, image_dir, c
     assert parsed['xs'] == by_name[OURS]['results']['bpp']
     with Image.open(plot_path) as image:
         assert image.format == 'PNG'
-    assert OURS in rd.format_summary(summary)
+    assert OURS in report.format_summary(summary)
 
 
 def test_evaluate_reports_an_unavailable_classic_codec(tmp_path, image_dir, checkpoints, monkeypatch):
-    monkeypatch.setattr(rd.features, 'check', lambda feature: feature != 'avif')
+    monkeypatch.setattr(classic.features, 'check', lambda feature: feature != 'avif')
     ours = [checkpoints.add(OURS, 1, seed=0)]
-    summary = rd.evaluate([], ours, str(image_dir), str(tmp_path / 'rd.json'), classic=('jpeg', 'avif'),
+    summary = report.evaluate_rate_distortion([], ours, str(image_dir), str(tmp_path / 'rd.json'), classic=('jpeg', 'avif'),
                           classic_settings=SETTINGS)
     assert 'no AVIF support' in summary['unavailable']['avif']
     assert [c['name'] for c in summary['curves']] == [OURS, 'jpeg']
     assert summary['bd_rate'][OURS] is None  # one point: no BD-rate, with the reason
     assert 'at least 3' in summary['bd_rate_notes'][f'{OURS} vs jpeg']
     with pytest.raises(ValueError, match='anchor .avif. is not among the measured curves'):
-        rd.evaluate([], ours, str(image_dir), str(tmp_path / 'rd.json'), anchor='avif', classic=('jpeg', 'avif'))
+        report.evaluate_rate_distortion([], ours, str(image_dir), str(tmp_path / 'rd.json'), anchor='avif', classic=('jpeg', 'avif'))
 
 
 def test_evaluate_refuses_inconsistent_checkpoints(tmp_path, image_dir, checkpoints):
@@ -360,21 +361,21 @@ def test_evaluate_refuses_inconsistent_checkpoints(tmp_path, image_dir, checkpoi
     b1 = checkpoints.add(BASELINE, 1, 2)
     json_path = str(tmp_path / 'rd.json')
     with pytest.raises(ValueError, match=f'both {OURS} at quality 1'):
-        rd.evaluate([], [a1, a1_again], str(image_dir), json_path)
+        report.evaluate_rate_distortion([], [a1, a1_again], str(image_dir), json_path)
     with pytest.raises(ValueError, match=re.escape(f"checkpoints of ['{BASELINE}'] were given")):
-        rd.evaluate([OURS], [a1, b1], str(image_dir), json_path)
+        report.evaluate_rate_distortion([OURS], [a1, b1], str(image_dir), json_path)
     with pytest.raises(ValueError, match=re.escape("no checkpoint of model(s) ['s2lic_tiny']")):
-        rd.evaluate([OURS, 's2lic_tiny'], [a1], str(image_dir), json_path)
+        report.evaluate_rate_distortion([OURS, 's2lic_tiny'], [a1], str(image_dir), json_path)
     with pytest.raises(ValueError, match='both as model and as baseline'):
-        rd.evaluate([], [a1], str(image_dir), json_path, baseline_checkpoints=[a1])
+        report.evaluate_rate_distortion([], [a1], str(image_dir), json_path, baseline_checkpoints=[a1])
     with pytest.raises(FileNotFoundError, match='checkpoint not found'):
-        rd.evaluate([], [str(tmp_path / 'missing.safetensors')], str(image_dir), json_path)
+        report.evaluate_rate_distortion([], [str(tmp_path / 'missing.safetensors')], str(image_dir), json_path)
     with pytest.raises(ValueError, match='unknown classic codec'):
-        rd.evaluate([], [a1], str(image_dir), json_path, classic=('jpeg', 'bpg'))
+        report.evaluate_rate_distortion([], [a1], str(image_dir), json_path, classic=('jpeg', 'bpg'))
     empty = tmp_path / 'empty'
     empty.mkdir()
     with pytest.raises(FileNotFoundError, match='no images'):
-        rd.evaluate([], [a1], str(empty), json_path)
+        report.evaluate_rate_distortion([], [a1], str(empty), json_path)
 
 
 # --------------------------------------------------------------------------------------------------- CLI

@@ -7,7 +7,8 @@ import pytest
 import yaml
 
 from conftest import REPO
-from zoo.recipes import RecipeError, load_recipe, parse_overrides, recipe_to_dict, save_recipe
+from zoo.recipes import RecipeError, parse_overrides, recipe_to_dict, save_recipe
+from zoo.tasks import load_recipe
 
 RECIPES = sorted((REPO / 'recipes').rglob('*.yaml'))
 
@@ -92,13 +93,13 @@ def test_sync_batchnorm_reaches_the_trainer(tmp_path):
     official downstream bases set it, a single-device quickstart does not."""
     from pytorch_lightning.plugins.layer_sync import TorchSyncBatchNorm
 
-    from zoo.tasks.engine import build_trainer
+    from zoo.tasks.engine import Monitor, build_trainer
     base = REPO / 'recipes' / 'segmentation' / 'quickstart.yaml'
     assert load_recipe(REPO / 'recipes' / 'segmentation' / 'overlock' / 'upernet_overlock_t_ade20k.yaml').trainer \
         .sync_batchnorm
     for enabled in (False, True):
         recipe = load_recipe(base, overrides=[f'trainer.sync_batchnorm={str(enabled).lower()}'])
-        trainer = build_trainer(recipe, tmp_path / str(enabled), monitor='val_mIoU')
+        trainer = build_trainer(recipe, tmp_path / str(enabled), Monitor('val_mIoU'))
         assert isinstance(trainer._accelerator_connector._layer_sync, TorchSyncBatchNorm) == enabled
     with pytest.raises(RecipeError, match='sync_batchnorm'):
         load_recipe(base, overrides=['trainer.sync_batchnorm=sometimes'])

@@ -10,7 +10,7 @@ from tiny_configs import ALL_MODELS
 from zoo.layers import DenseBlock, EnhancementBlock, PaddedSwinV2Block, ResidualSwinV2Block
 from zoo.models.s2lic import S2LIC, checkerboard_anchor_mask
 
-# anchors s2lic.md §3: parameters of the known parts of the paper-size model (CPU build, timm SwinV2 blocks)
+# docs/s2lic.md §3: parameters of the known parts of the paper-size model (CPU build, timm SwinV2 blocks)
 PAPER_PARTS_M = {'swinv2_blocks': 5.4, 'stride_convs': 2.5, 'h_a': 1.9, 'h_s': 16.7, 'entropy_parameters': 7.1,
                  'residual_prediction': 25.9}
 PAPER_KNOWN_TOTAL_M = 59.5
@@ -298,7 +298,7 @@ def test_gradients_reach_every_parameter():
 
 
 def test_paper_size_parameter_count():
-    """Known parts within 2 % of anchors §3 (59.5 M); EnhModule and the ACGC context blocks counted apart."""
+    """Known parts within 2 % of docs/s2lic.md §3 (59.5 M); EnhModule and the ACGC context blocks counted apart."""
     torch.manual_seed(0)
     model = timm.create_model('s2lic')
     counts = model.parameter_counts()

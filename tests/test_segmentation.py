@@ -13,7 +13,8 @@ from conftest import REPO
 from tiny_configs import tiny_kwargs
 from zoo.data.segmentation import MaskFolder, SegTransform, ShapesSegmentation, ade20k_folders
 from zoo.data.shapes import ShapesConfig, export_segmentation, render_sample
-from zoo.recipes import load_recipe
+from zoo.recipes import save_recipe
+from zoo.tasks import load_recipe
 from zoo.tasks import segmentation
 from zoo.tasks.segmentation import build_segmenter, confusion_matrix, segmentation_metrics
 
@@ -191,16 +192,49 @@ def test_short_training_run_writes_metrics_and_evaluation_reproduces_them(tmp_pa
     run = tmp_path / 'run'
     assert json.loads((run / 'metrics.json').read_text()) == pytest.approx(metrics)
     assert metrics['num_classes'] == 11 and metrics['epochs'] == 1 and 0 <= metrics['val_mIoU'] <= 100
-    for name in ('recipe.yaml', 'checkpoints/last.ckpt', 'checkpoints/best.ckpt', 'model/segmenter.pt'):
+    for name in ('recipe.yaml', 'checkpoints/last.ckpt', 'checkpoints/best.ckpt', 'model/config.json',
+                 'model/model.safetensors'):
         assert (run / name).is_file(), name
-    for weights in (run / 'model' / 'segmenter.pt', run / 'checkpoints' / 'last.ckpt'):
-        again = segmentation.evaluate(load_recipe(run / 'recipe.yaml'), str(weights))
-        assert again['mIoU'] == pytest.approx(metrics['val_mIoU'], abs=1e-4) and again['images'] == 20
-    result = subprocess.run([sys.executable, '-m', 'zoo.cli', 'eval', '--task', 'segmentation', '--checkpoint',
-                             str(run / 'model' / 'segmenter.pt'), '--workers', '0', '--json', str(tmp_path / 'e.json')],
-                            capture_output=True, text=True, timeout=600)
+    # the model folder evaluates without the run's recipe; a Lightning checkpoint of the run with it
+    (tmp_path / 'elsewhere').mkdir()
+    moved = run.rename(tmp_path / 'elsewhere' / 'run') / 'model'
+    again = segmentation.evaluate(str(moved))
+    assert again['mIoU'] == pytest.approx(metrics['val_mIoU'], abs=1e-4) and again['images'] == 20
+    from_ckpt = segmentation.evaluate(str(moved.parent / 'checkpoints' / 'last.ckpt'))
+    assert from_ckpt == pytest.approx(again)
+    # the task is read from the folder's metadata: no --task
+    result = subprocess.run([sys.executable, '-m', 'zoo.cli', 'eval', '--checkpoint', str(moved), '--workers', '0',
+                             '--json', str(tmp_path / 'e.json')], capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr
     assert json.loads((tmp_path / 'e.json').read_text()) == pytest.approx(again)
+    assert json.loads((moved / 'config.json').read_text())['zoo']['metrics'] == pytest.approx(metrics)
+
+
+def test_folders_of_the_earlier_segmenter_pt_layout_still_evaluate(tmp_path):
+    """Runs written before the artifact format saved RUN/model/segmenter.pt (a torch state dict) beside
+    RUN/recipe.yaml; they evaluate as before, through the command too."""
+    recipe = load_recipe(QUICKSTART, TINY_RUN)
+    model = segmentation.SegmentationModule(recipe, 11, 1).model
+    run = tmp_path / 'old_run'
+    (run / 'model').mkdir(parents=True)
+    torch.save(model.state_dict(), run / 'model' / 'segmenter.pt')
+    save_recipe(recipe, run / 'recipe.yaml')
+    direct = segmentation.evaluate(str(run / 'model' / 'segmenter.pt'))
+    result = subprocess.run([sys.executable, '-m', 'zoo.cli', 'eval', '--checkpoint', str(run / 'model'),
+                             '--workers', '0', '--json', str(tmp_path / 'e.json')], capture_output=True, text=True,
+                            timeout=600)
+    assert result.returncode == 0, result.stderr
+    assert json.loads((tmp_path / 'e.json').read_text()) == pytest.approx(direct) and direct['images'] == 20
+
+
+def test_a_damaged_model_folder_is_one_clear_error(tmp_path):
+    folder = tmp_path / 'model'
+    folder.mkdir()
+    (folder / 'config.json').write_text('{"recipe": ')
+    result = subprocess.run([sys.executable, '-m', 'zoo.cli', 'eval', '--task', 'segmentation', '--checkpoint',
+                             str(folder)], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 2 and 'config.json is damaged: not valid JSON' in result.stderr
+    assert 'Traceback' not in result.stderr
 
 
 @pytest.mark.heavy

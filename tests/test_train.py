@@ -13,8 +13,8 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from conftest import REPO
-from zoo.recipes import load_recipe
-from zoo.tasks import classification
+from zoo.tasks import load_recipe
+from zoo.tasks import classification, engine
 
 QUICKSTART = REPO / 'recipes' / 'classification' / 'quickstart.yaml'
 TINY_RUN = ['data.train_size=48', 'data.val_size=40', 'data.batch_size=16', 'data.eval_batch_size=20',
@@ -143,18 +143,25 @@ def _kill_before_batch(index: int):
     return Kill()
 
 
+def _with_callback(build_trainer, callback: pl.Callback):
+    """build_trainer, with `callback` added to every trainer it builds."""
+    def build(*args, **kwargs):
+        trainer = build_trainer(*args, **kwargs)
+        trainer.callbacks.append(callback)
+        return trainer
+    return build
+
+
 def test_resume_mid_epoch_continues_at_the_data_position(tmp_path, monkeypatch):
     """A run killed mid-epoch and resumed ends with exactly the weights of a run that was never interrupted:
     the sampler position, optimizer and scheduler all come back (augmentation off, so only they matter)."""
     deterministic = ['data.train_size=96', 'schedule.epochs=2', 'trainer.checkpoint_every_steps=2', 'aug.hflip=0',
                      'aug.scale=[1.0,1.0]', 'aug.train_interpolation=bilinear']
     _train(tmp_path / 'whole', *deterministic)
-    build = classification.build_trainer
-    monkeypatch.setattr(classification, 'build_trainer',
-                        lambda *a, **k: build(*a, extra_callbacks=[_kill_before_batch(3)], **k))
-    with pytest.raises(_Killed):
-        _train(tmp_path / 'killed', *deterministic)
-    monkeypatch.setattr(classification, 'build_trainer', build)
+    with monkeypatch.context() as patch:
+        patch.setattr(engine, 'build_trainer', _with_callback(engine.build_trainer, _kill_before_batch(3)))
+        with pytest.raises(_Killed):
+            _train(tmp_path / 'killed', *deterministic)
     state = torch.load(tmp_path / 'killed' / 'checkpoints' / 'last.ckpt', weights_only=True)
     assert state['global_step'] == 2  # the checkpoint is mid-epoch (6 batches per epoch)
     _train(tmp_path / 'killed', *deterministic, resume='last')
@@ -210,10 +217,11 @@ def test_aux_weight_trains_the_auxiliary_head(tmp_path):
     recipe = load_recipe(path)
     module = classification.ClassificationModule(recipe, num_classes=10, updates_per_epoch=1)
     images, labels = torch.randn(2, 3, 64, 64), torch.tensor([1, 7])
-    loss = module._training_loss(images, labels)
+    loss, parts = module._training_loss(images, labels)
     logits, aux = module.model.forward_with_aux(images)
     expected = F.cross_entropy(logits, labels) + 0.4 * F.cross_entropy(aux, labels)
     torch.testing.assert_close(loss, expected)
+    assert parts == {}
     loss.backward()
     assert all(p.grad is not None for p in module.model.aux_head.parameters())
     with pytest.raises(ValueError, match='nat_mini has no auxiliary head'):

@@ -97,7 +97,6 @@ def _measure(name: str, batch_size: int, img_size: Optional[int], device: str, p
 
 
 def _child(queue, args) -> None:
-    import zoo  # noqa: F401  (a spawned child must register the zoo models itself)
     torch.set_num_threads(args.pop('threads'))
     queue.put(_measure(**args))
 

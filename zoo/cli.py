@@ -1,7 +1,5 @@
 """The `zoo` command: list, train, eval, predict, convert, bench."""
 import argparse
-import importlib
-import importlib.util
 import json
 import sys
 from pathlib import Path
@@ -13,6 +11,7 @@ import torch
 import zoo
 from zoo import bench
 from zoo.manifest import official_entry, verify_listed_checkpoint
+from zoo.tasks import TASK_NAMES, get_task, load_recipe, task_of_artifact
 
 
 def _params_m(name: str) -> float:
@@ -52,85 +51,20 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
-def _task_module(task: str):
-    """zoo.tasks.<task>, whose train(recipe, output, resume) runs a recipe of that task."""
-    if importlib.util.find_spec(f'zoo.tasks.{task}') is None:
-        raise ValueError(f'task {task!r} has no trainer yet')
-    return importlib.import_module(f'zoo.tasks.{task}')
-
-
 def cmd_train(args: argparse.Namespace) -> int:
-    from zoo.recipes import load_recipe, recipe_to_dict
+    from zoo.recipes import recipe_to_dict
     recipe = load_recipe(args.recipe, args.set)
     if args.dry_run:
         import yaml
         print(yaml.safe_dump(recipe_to_dict(recipe), sort_keys=False), end='')
         return 0
-    task = _task_module(recipe.task)
     output = args.output or str(Path('runs') / Path(args.recipe).stem)
-    metrics = task.train(recipe, output, resume=args.resume)
+    metrics = get_task(recipe.task).train(recipe, output, args.resume)
     from lightning_fabric.utilities.rank_zero import rank_zero_only
     if rank_zero_only.rank == 0:  # under DDP every process returns here; one report is enough
         print(json.dumps(metrics, indent=1))
         print(f'run folder: {output} (metrics.json, model/, checkpoints/, logs/)')
     return 0
-
-
-def _load_for_eval(args: argparse.Namespace):
-    checkpoint = Path(args.checkpoint) if args.checkpoint else None
-    if checkpoint is not None and not checkpoint.exists():
-        raise ValueError(f'checkpoint not found: {checkpoint}')
-    if checkpoint is not None:
-        verify_listed_checkpoint(checkpoint)
-    if checkpoint is not None and checkpoint.is_dir():
-        return timm.create_model(f'local-dir:{checkpoint}', pretrained=True)
-    if not args.model:
-        raise ValueError('--model is required unless --checkpoint is a model folder (config.json + weights)')
-    kwargs = {} if args.num_classes is None else dict(num_classes=args.num_classes)
-    if checkpoint is None:
-        return timm.create_model(args.model, **kwargs)
-    overlay = dict(file=str(checkpoint), **kwargs)
-    return timm.create_model(args.model, pretrained=True, pretrained_cfg_overlay=overlay, **kwargs)
-
-
-def _eval_detection(args: argparse.Namespace) -> dict:
-    """COCO mAP of a detector folder (`zoo train` of a detection recipe writes DIR/model) on images + COCO json."""
-    if not args.checkpoint or not args.ann_file or not args.data:
-        raise ValueError('--task detection needs --checkpoint DIR/model (a trained detector), --ann-file JSON and '
-                         '--data IMAGE_FOLDER')
-    from zoo.tasks.detection import evaluate_checkpoint
-    return evaluate_checkpoint(args.checkpoint, args.ann_file, args.data, args.batch_size or 8, args.workers)
-
-
-def _eval_segmentation(args: argparse.Namespace) -> dict:
-    """mIoU / mAcc / aAcc of a segmenter (RUN/model/segmenter.pt or a Lightning .ckpt) on its recipe's validation
-    split; the recipe defaults to the run folder's recipe.yaml, --data replaces its data.root."""
-    if not args.checkpoint:
-        raise ValueError('--task segmentation needs --checkpoint RUN/model/segmenter.pt (or a .ckpt of the run)')
-    from zoo.recipes import load_recipe
-    from zoo.tasks.segmentation import evaluate
-    recipe_path = Path(args.recipe) if args.recipe else Path(args.checkpoint).resolve().parents[1] / 'recipe.yaml'
-    if not recipe_path.is_file():
-        raise ValueError(f'no recipe at {recipe_path}: pass --recipe (the recipe.yaml of the run)')
-    overrides = [f'data.root={args.data}'] if args.data else []
-    return evaluate(load_recipe(recipe_path, overrides), args.checkpoint, args.batch_size, args.workers)
-
-
-def _eval_compression(args: argparse.Namespace) -> None:
-    """Rate-distortion evaluation of codec checkpoints (one per quality) against a baseline and Pillow's classic
-    codecs on a folder of images; writes --json (CompressAI-format curves, BD-rates vs --anchor) and --plot itself
-    and prints a summary table, so it returns None."""
-    if not args.checkpoint:
-        raise ValueError('--task compression needs --checkpoint FILE (one per quality, repeatable)')
-    if not args.data:
-        raise ValueError("--task compression needs --data DIR (a folder of held-out images, or 'photos')")
-    if not args.json:
-        raise ValueError('--task compression needs --json OUT (the results; curves are also written beside it)')
-    from zoo.tasks.rate_distortion import evaluate, format_summary
-    summary = evaluate(args.model or [], args.checkpoint, args.data, args.json, plot_path=args.plot,
-                       anchor=args.anchor, classic=args.classic, baseline_checkpoints=args.baseline_checkpoint)
-    print(format_summary(summary))
-    print(f'results: {args.json}' + (f', plot: {args.plot}' if args.plot else ''))
 
 
 def _single(values: Optional[List[str]], flag: str) -> Optional[str]:
@@ -140,10 +74,19 @@ def _single(values: Optional[List[str]], flag: str) -> Optional[str]:
     return values[0] if values else None
 
 
+def _eval_task(args: argparse.Namespace) -> str:
+    """--task, else the task of the --checkpoint model folder (its artifact metadata), else classification."""
+    if args.task:
+        return args.task
+    folders = [path for path in args.checkpoint or () if Path(path).is_dir()]
+    return task_of_artifact(folders[0]) if folders else 'classification'
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
+    args.task = _eval_task(args)
     if args.task != 'compression':
         args.model, args.checkpoint = _single(args.model, '--model'), _single(args.checkpoint, '--checkpoint')
-    metrics = _TASK_EVAL[args.task](args)
+    metrics = get_task(args.task).evaluate(args)
     if metrics is None:  # the task wrote its own outputs
         return 0
     print(json.dumps(metrics, indent=1))
@@ -152,33 +95,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
-def _eval_classification(args: argparse.Namespace) -> dict:
-    """top-1 / top-5 of a model and checkpoint on an ImageFolder or the shapes validation split."""
-    if not args.data:
-        raise ValueError("--data is required: an ImageFolder root or 'shapes'")
-    from zoo.data.folder import SafeImageFolder
-    from zoo.data.shapes import ShapesClassification
-    from zoo.tasks.classification import eval_transform, evaluate
-    model = _load_for_eval(args)
-    transform = eval_transform(model)
-    if args.data == 'shapes':
-        dataset = ShapesClassification(args.shapes_size, img_size=model.pretrained_cfg['input_size'][-1],
-                                       num_classes=model.num_classes, split='val', transform=transform)
-    else:
-        dataset = SafeImageFolder(args.data, transform=transform)
-        if len(dataset.classes) > model.num_classes:
-            raise ValueError(f'{args.data} has {len(dataset.classes)} classes but the model predicts '
-                             f'{model.num_classes}')
-    return evaluate(model, dataset, batch_size=args.batch_size or 128, workers=args.workers)
-
-
-_TASK_EVAL = {'classification': _eval_classification, 'detection': _eval_detection,
-              'segmentation': _eval_segmentation, 'compression': _eval_compression}
-
-
 def cmd_predict(args: argparse.Namespace) -> int:
-    from zoo.tasks.classification import predict
-    model = _load_for_eval(args)
+    from zoo.tasks.classification import load_model, predict
+    model = load_model(args.checkpoint, args.model, args.num_classes)
     for path, top in zip(args.images, predict(model, args.images, args.top_k)):
         print(path)
         for label, prob in top:
@@ -246,33 +165,24 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser('eval', help='metrics of a trained model: top-1 / top-5 (classification, an ImageFolder or the '
                                     'shapes set), COCO mAP (detection), mIoU (segmentation), rate-distortion '
                                     '(compression)')
-    p.add_argument('--task', default='classification', choices=sorted(_TASK_EVAL))
-    p.add_argument('--ann-file', default=None, help='COCO json of the images in --data (detection)')
+    p.add_argument('--task', default=None, choices=TASK_NAMES,
+                   help="default: the task of a --checkpoint model folder written by zoo train, else classification")
     p.add_argument('--model', action='extend', nargs='+', default=None,
                    help='registered model name (not needed for a model folder); compression: the model of each RD '
                         'curve (repeatable; default: read from the checkpoints)')
     p.add_argument('--checkpoint', action='extend', nargs='+', default=None,
-                   help='weights file (official or ours) or a model folder; compression: codec checkpoints, one per '
-                        'quality (repeatable)')
+                   help='weights file (official or ours) or a model folder; compression: codec files, one per '
+                        'quality (repeatable), or folders of them')
     p.add_argument('--data', default=None,
                    help="classification: ImageFolder root (class sub-folders) or 'shapes'; detection: the image "
-                        "folder; segmentation: replaces the recipe's data.root; compression: folder of images or "
+                        "folder; segmentation: replaces the training data's root; compression: folder of images or "
                         "'photos' (the held-out bundled photos)")
-    p.add_argument('--baseline-checkpoint', action='extend', nargs='+', default=[],
-                   help='compression: checkpoints of the baseline codec (e.g. compressai:bmshj2018-hyperprior '
-                        'trained with the same recipe), one per quality')
-    p.add_argument('--anchor', default='jpeg',
-                   help='compression: the curve BD-rates are reported against (a classic codec or a model name)')
-    p.add_argument('--classic', nargs='*', default=['jpeg', 'webp', 'avif', 'jpeg2000'],
-                   help='compression: Pillow codecs measured on the same images (none: --classic with no value)')
-    p.add_argument('--plot', default=None, help='compression: write the RD plot to this PNG')
-    p.add_argument('--recipe', default=None, help="segmentation: the run's recipe.yaml (default: beside --checkpoint)")
-    p.add_argument('--num-classes', type=int, default=None)
-    p.add_argument('--shapes-size', type=int, default=1000, help='images in the shapes validation split')
     p.add_argument('--batch-size', type=int, default=None,
                    help="default: 128 (classification), 8 (detection), the recipe's (segmentation)")
     p.add_argument('--workers', type=int, default=2)
     p.add_argument('--json', default=None, help='also write the metrics to this file')
+    for name in TASK_NAMES:
+        get_task(name).add_eval_arguments(p.add_argument_group(f'{name} options'))
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser('predict', help='top-5 labels of image files')

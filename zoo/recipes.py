@@ -4,12 +4,9 @@ A recipe has the top-level sections below. `base:` names a parent recipe (relati
 values the child overrides key by key; `overrides` (the command line's `--set a.b=value`) override both.
 Every key is checked: an unknown or mistyped key is an error naming the key, the file and the allowed keys.
 Keys of `model:` other than `name`, `checkpoint`, `pretrained` and `quality` are constructor arguments of the
-model and are checked against its constructor's signature (for compression recipes, `compressai:<zoo name>` models
-are checked against the CompressAI architecture's constructor).
-
-Compression recipes (task: compression) also use `model.quality` (one quality index, or a list: one run per
-quality), `loss.metric` (mse | ms-ssim), `loss.lmbda` (default: the quality's lambda) and `optim.aux_lr` (the
-EntropyBottleneck quantiles' own optimizer); they train in fp32 without gradient accumulation.
+model. This module checks the schema (sections, keys, value types, optimizer / scheduler / precision names);
+the task of the recipe checks the rest (the model's constructor arguments, its `head`, its own keys):
+`zoo.tasks.load_recipe` is the loader that runs both, and what the `zoo` command uses.
 """
 import dataclasses
 import inspect
@@ -17,13 +14,12 @@ import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Union
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import yaml
 
-__all__ = ['Recipe', 'RecipeError', 'load_recipe', 'parse_overrides', 'recipe_to_dict', 'save_recipe']
-
-TASKS = ('classification', 'detection', 'segmentation', 'compression')
+__all__ = ['Recipe', 'RecipeError', 'read_recipe_tree', 'recipe_from_dict', 'parse_overrides', 'recipe_to_dict',
+           'save_recipe', 'deep_merge', 'timm_constructor_arguments']
 
 
 class RecipeError(ValueError):
@@ -171,7 +167,6 @@ class Recipe:
 
 
 _MODEL_RESERVED = ('name', 'checkpoint', 'pretrained', 'quality')
-COMPRESSION_METRICS = ('mse', 'ms-ssim')
 
 
 def _type_ok(value: Any, annotation: Any) -> bool:
@@ -225,19 +220,11 @@ def _model_section(values: Any, source: str) -> ModelSection:
     return section
 
 
-def constructor_arguments(model_name: str) -> Sequence[str]:
+def timm_constructor_arguments(model_name: str) -> Sequence[str]:
     """Keyword arguments accepted by `timm.create_model(model_name, ...)`: the model class's constructor plus timm's."""
     import timm
     import torch
 
-    import zoo  # noqa: F401  (registers the zoo's models)
-    if model_name.startswith('compressai:'):
-        from zoo.tasks.compression import compressai_architecture
-        try:
-            params = inspect.signature(compressai_architecture(model_name).__init__).parameters
-        except ValueError as err:
-            raise RecipeError(str(err)) from None
-        return sorted(set(params) - {'self', 'args', 'kwargs'})
     if not timm.is_model(model_name):
         raise RecipeError(f'unknown model `{model_name}` (see `zoo list`)')
     with torch.device('meta'):
@@ -257,42 +244,6 @@ def _init_arguments(cls: type) -> set:
         if not any(p.kind is p.VAR_KEYWORD for p in params.values()):
             break
     return names
-
-
-def check_model_kwargs(section: ModelSection, source: str) -> None:
-    """Raise RecipeError when a `model:` key is not a constructor argument of the named model."""
-    try:
-        allowed = constructor_arguments(section.name)
-    except RecipeError as err:
-        raise RecipeError(f'{source}: {err}') from None
-    for key in section.kwargs:
-        if key not in allowed:
-            raise RecipeError(f'{source}: unknown key `model.{key}` for {section.name}; allowed: '
-                              f'{", ".join(list(_MODEL_RESERVED) + list(allowed))}')
-
-
-def _check_task_keys(recipe: Recipe, source: str) -> None:
-    """Keys whose meaning depends on the task: `model.quality` and the compression constraints."""
-    quality = recipe.model.quality
-    if recipe.task != 'compression':
-        if quality is not None:
-            raise RecipeError(f'{source}: `model.quality` is only for compression recipes (task: {recipe.task})')
-        return
-    qualities = quality if isinstance(quality, list) else [quality]
-    if quality is not None and (not qualities or any(not 0 <= q <= 255 for q in qualities)):
-        raise RecipeError(f'{source}: `model.quality` must be an integer 0..255 or a non-empty list of them, got '
-                          f'{quality!r}')
-    if recipe.loss.metric not in COMPRESSION_METRICS:
-        raise RecipeError(f'{source}: `loss.metric` must be one of {", ".join(COMPRESSION_METRICS)}, got '
-                          f'{recipe.loss.metric!r}')
-    if (recipe.loss.lmbda is not None and recipe.loss.lmbda <= 0) or recipe.optim.aux_lr <= 0:
-        raise RecipeError(f'{source}: `loss.lmbda` and `optim.aux_lr` must be positive')
-    if recipe.trainer.accumulate != 1:
-        raise RecipeError(f'{source}: compression trains with two optimizers (manual optimization): '
-                          f'`trainer.accumulate` must be 1, got {recipe.trainer.accumulate}')
-    if recipe.trainer.precision not in ('32', '32-true'):
-        raise RecipeError(f'{source}: compression trains in fp32 (likelihoods underflow in half precision): '
-                          f'`trainer.precision` must be 32-true, got {recipe.trainer.precision!r}')
 
 
 def deep_merge(base: Dict, child: Dict) -> Dict:
@@ -350,20 +301,39 @@ _SECTIONS = {
 }
 
 
-def recipe_from_dict(tree: Dict, source: str, check_model: bool = True) -> Recipe:
-    """Validate a merged recipe mapping and build the Recipe."""
+# timm's scheduler names (timm.scheduler.create_scheduler_v2) and Lightning's precision strings
+SCHEDULERS = ('cosine', 'tanh', 'step', 'constant', 'multistep', 'plateau', 'poly', 'wsd', 'rsqrt', 'none')
+PRECISIONS = ('64-true', '32-true', '16-mixed', 'bf16-mixed', '16-true', 'bf16-true', '64', '32', '16', 'bf16')
+
+
+def _check_names(recipe: Recipe, source: str) -> None:
+    """Names that would otherwise fail only once training starts: optimizer, scheduler, precision."""
+    from timm.optim import list_optimizers
+    optimizers = list_optimizers()
+    if recipe.optim.name.lower() not in optimizers:
+        close = [name for name in optimizers if name.startswith(recipe.optim.name.lower()[:3])]
+        raise RecipeError(f'{source}: `optim.name` {recipe.optim.name!r} is not a timm optimizer'
+                          f'{f" (did you mean {close}?)" if close else ""}; see timm.optim.list_optimizers()')
+    if recipe.schedule.sched not in SCHEDULERS:
+        raise RecipeError(f'{source}: `schedule.sched` must be one of {", ".join(SCHEDULERS)}, got '
+                          f'{recipe.schedule.sched!r}')
+    if str(recipe.trainer.precision) not in PRECISIONS:
+        raise RecipeError(f'{source}: `trainer.precision` must be one of {", ".join(PRECISIONS)}, got '
+                          f'{recipe.trainer.precision!r}')
+
+
+def recipe_from_dict(tree: Dict, source: str) -> Recipe:
+    """Build the Recipe of a merged recipe mapping, checking the schema: keys, value types and names."""
     allowed = [f.name for f in dataclasses.fields(Recipe) if f.name != 'path'] + ['base']
     for key in tree:
         if key not in allowed:
             raise RecipeError(f'{source}: unknown top-level key `{key}`; allowed: {", ".join(allowed)}')
     task = tree.get('task', 'classification')
-    if task not in TASKS:
-        raise RecipeError(f'{source}: `task` must be one of {", ".join(TASKS)}, got {task!r}')
+    if not isinstance(task, str):
+        raise RecipeError(f'{source}: `task` must be a task name, got {task!r}')
     if 'model' not in tree:
         raise RecipeError(f'{source}: the `model` section (with `name`) is required')
     model = _model_section(tree['model'], source)
-    if check_model:
-        check_model_kwargs(model, source)
     sections = {name: _build_section(cls, tree.get(name) or {}, name, source) for name, cls in _SECTIONS.items()}
     phases = tree.get('phases')
     if phases is not None and not (isinstance(phases, list) and all(isinstance(p, dict) for p in phases)):
@@ -375,15 +345,14 @@ def recipe_from_dict(tree: Dict, source: str, check_model: bool = True) -> Recip
     if source_field is not None and not _type_ok(source_field, Union[str, List[str]]):
         raise RecipeError(f'{source}: `source` must be a string or a list of strings')
     recipe = Recipe(task=task, model=model, head=head, phases=phases, source=source_field, path=source, **sections)
-    _check_task_keys(recipe, source)
+    _check_names(recipe, source)
     return recipe
 
 
-def load_recipe(path: Union[str, Path], overrides: Sequence[str] = (), check_model: bool = True) -> Recipe:
-    """Load, merge (`base:` chain, then `--set` overrides) and validate a recipe file."""
+def read_recipe_tree(path: Union[str, Path], overrides: Sequence[str] = ()) -> Tuple[Dict, str]:
+    """(merged mapping, source name) of a recipe file: its `base:` chain merged in, then the `--set` overrides."""
     path = Path(path).resolve()
-    tree = deep_merge(_read_tree(path), parse_overrides(overrides))
-    return recipe_from_dict(tree, str(path), check_model=check_model)
+    return deep_merge(_read_tree(path), parse_overrides(overrides)), str(path)
 
 
 def recipe_to_dict(recipe: Recipe) -> Dict:

@@ -31,19 +31,16 @@ import struct
 import zlib
 from contextlib import contextmanager
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Iterator, List, Sequence, Tuple, Union
+from typing import Iterator, List, Sequence, Tuple
 
-import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from compressai.entropy_models import EntropyBottleneck, GaussianConditional
-from PIL import Image
+
+from zoo.layers.entropy_tables import refresh_tables, tables_crc
 
 __all__ = ['BitstreamError', 'BitstreamHeader', 'compress_image', 'decompress_image', 'read_header',
-           'reconstruct_image', 'to_uint8', 'check_rgb', 'padded_input', 'load_rgb', 'refresh_entropy_tables',
-           'mark_entropy_tables_current', 'MAGIC', 'FORMAT_VERSION', 'MAX_PIXELS']
+           'reconstruct_image', 'to_uint8', 'check_rgb', 'padded_input', 'MAGIC', 'FORMAT_VERSION', 'MAX_PIXELS']
 
 MAGIC = b'ZLIC'
 FORMAT_VERSION = 1
@@ -55,9 +52,6 @@ MAX_LATENT_DIMS = 4
 MAX_STRINGS = 8
 DEFAULT_PAD_MULTIPLE = 64
 _CRC = struct.Struct('<I')
-_TABLE_BUFFERS = ('_quantized_cdf', '_offset', '_cdf_length')
-# set on a codec when its CDF tables were built from (or loaded together with) its current parameters
-_FINGERPRINT_ATTR = '_zoo_entropy_fingerprint'
 
 
 class BitstreamError(ValueError):
@@ -94,7 +88,7 @@ def check_rgb(image: torch.Tensor) -> None:
                          f'to_uint8()')
     if image.ndim != 3 or image.shape[0] != 3:
         raise ValueError(f'expected an RGB image of shape (3, H, W), got {tuple(image.shape)}; RGB only: convert '
-                         f'grayscale/RGBA explicitly (load_rgb(path, mode="convert"))')
+                         f'grayscale/RGBA explicitly (zoo.data.images.load_rgb(path, mode="convert"))')
     height, width = image.shape[1:]
     if not (1 <= height <= MAX_SIDE and 1 <= width <= MAX_SIDE) or height * width > MAX_PIXELS:
         raise ValueError(f'image size {height}x{width} is outside the supported range (sides 1..{MAX_SIDE}, at most '
@@ -104,99 +98,6 @@ def check_rgb(image: torch.Tensor) -> None:
 def to_uint8(x: torch.Tensor) -> torch.Tensor:
     """(3, H, W) float in [0, 1] -> (3, H, W) uint8: clamp, scale by 255, round half to even."""
     return x.detach().clamp(0, 1).mul(255).round().to(torch.uint8)
-
-
-def _is_16_bit(image: Image.Image) -> bool:
-    """Whether Pillow reads more than 8 bits per sample (16-bit grayscale modes, or a 48-bit PNG whose raw mode
-    Pillow silently narrows to 8-bit 'RGB')."""
-    if image.mode in ('I', 'F') or image.mode.startswith('I;16'):
-        return True
-    return any(isinstance(tile.args, str) and ';16' in tile.args for tile in getattr(image, 'tile', ()))
-
-
-def _convert_to_rgb(image: Image.Image) -> Image.Image:
-    """Explicit conversions: transparency is composited onto white, 16-bit samples keep their top 8 bits,
-    grayscale is replicated to three channels, CMYK/YCbCr/palette go through Pillow's colour conversion."""
-    if image.mode in ('I', 'I;16', 'I;16B', 'I;16L'):
-        image = Image.fromarray((np.asarray(image, dtype=np.uint32) >> 8).clip(0, 255).astype(np.uint8))
-    elif image.mode == 'F':
-        image = Image.fromarray(np.asarray(image).clip(0, 255).astype(np.uint8))
-    if image.mode in ('RGBA', 'LA', 'PA') or (image.mode == 'P' and 'transparency' in image.info):
-        rgba = image.convert('RGBA')
-        background = Image.new('RGBA', rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(background, rgba).convert('RGB')
-    return image.convert('RGB')
-
-
-def load_rgb(path: Union[str, Path], mode: str = 'strict') -> torch.Tensor:
-    """Read an image file as (3, H, W) uint8 RGB.
-
-    mode 'strict' accepts only 8-bit RGB files and raises ValueError naming the file's mode otherwise
-    (grayscale, RGBA, CMYK, palette, 16-bit); 'convert' converts those explicitly (see `_convert_to_rgb`).
-    """
-    if mode not in ('strict', 'convert'):
-        raise ValueError(f"mode must be 'strict' or 'convert', got {mode!r}")
-    try:
-        with Image.open(path) as image:
-            sixteen_bit = _is_16_bit(image)
-            if mode == 'strict' and (image.mode != 'RGB' or sixteen_bit):
-                kind = f'{image.mode}, 16-bit' if sixteen_bit else image.mode
-                raise ValueError(f'{path}: not an 8-bit RGB image (Pillow mode {kind}); RGB only, or load it with '
-                                 f'mode="convert" to convert it explicitly')
-            rgb = image.convert('RGB') if image.mode == 'RGB' else _convert_to_rgb(image)
-            array = np.asarray(rgb, dtype=np.uint8)
-    except (OSError, Image.DecompressionBombError) as err:
-        raise ValueError(f'cannot read image {path}: {err}') from None
-    return torch.from_numpy(array.copy()).permute(2, 0, 1).contiguous()
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# entropy tables
-
-def _entropy_modules(codec: nn.Module) -> List[nn.Module]:
-    return [m for m in codec.modules() if isinstance(m, (EntropyBottleneck, GaussianConditional))]
-
-
-def _entropy_fingerprint(codec: nn.Module) -> int:
-    """CRC-32 of everything the CDF tables are computed from: the EntropyBottleneck parameters (the
-    GaussianConditional tables depend only on its fixed scale table, checked through `_tables_missing`)."""
-    crc = 0
-    for module in codec.modules():
-        if isinstance(module, EntropyBottleneck):
-            for param in module.parameters():
-                crc = zlib.crc32(param.detach().cpu().contiguous().numpy().tobytes(), crc)
-    return crc
-
-
-def _tables_missing(codec: nn.Module) -> bool:
-    return any(m._offset.numel() == 0 for m in _entropy_modules(codec))
-
-
-def _tables_crc(codec: nn.Module) -> int:
-    """CRC-32 of the CDF tables the range coder uses: equal on encoder and decoder or decoding is garbage."""
-    crc = 0
-    for module in _entropy_modules(codec):
-        for name in _TABLE_BUFFERS:
-            crc = zlib.crc32(getattr(module, name).detach().cpu().contiguous().numpy().tobytes(), crc)
-    return crc
-
-
-def mark_entropy_tables_current(codec: nn.Module) -> None:
-    """Record that the codec's CDF tables match its parameters (after update(), or after loading a checkpoint
-    saved with freshly updated tables), so `refresh_entropy_tables` keeps them."""
-    setattr(codec, _FINGERPRINT_ATTR, _entropy_fingerprint(codec))
-
-
-def refresh_entropy_tables(codec: nn.Module) -> bool:
-    """`codec.update(force=True)` when the CDF tables are missing or older than the entropy parameters (e.g.
-    after a training step, the most common CompressAI mistake); returns whether it updated."""
-    if not _entropy_modules(codec):
-        raise ValueError(f'{type(codec).__name__} has no EntropyBottleneck/GaussianConditional: not a codec')
-    if not _tables_missing(codec) and getattr(codec, _FINGERPRINT_ATTR, None) == _entropy_fingerprint(codec):
-        return False
-    codec.update(force=True)
-    mark_entropy_tables_current(codec)
-    return True
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -357,13 +258,13 @@ def compress_image(codec: nn.Module, image: torch.Tensor, model_name: str, quali
     its training flag is restored afterwards.
     """
     check_rgb(image)
-    refresh_entropy_tables(codec)
+    refresh_tables(codec)
     with _coding_mode(codec):
         out = codec.compress(padded_input(codec, image))
     strings = _flat_strings(out['strings'])
     latent_shape = [int(d) for d in out['shape']]
     header = _pack_header(model_name, int(quality), image.shape[1], image.shape[2], latent_shape,
-                          [len(s) for s in strings], _tables_crc(codec))
+                          [len(s) for s in strings], tables_crc(codec))
     body = header + b''.join(strings)
     return body + _CRC.pack(zlib.crc32(body))
 
@@ -379,8 +280,8 @@ def decompress_image(codec: nn.Module, data: bytes, model_name: str) -> torch.Te
     if header.model != model_name:
         raise BitstreamError(f'the bitstream was written by model {header.model!r} (quality {header.quality}), '
                              f'not {model_name!r}')
-    refresh_entropy_tables(codec)
-    if _tables_crc(codec) != header.tables_crc:
+    refresh_tables(codec)
+    if tables_crc(codec) != header.tables_crc:
         raise BitstreamError(f'the entropy tables of this {model_name} codec differ from the encoder\'s: the stream '
                              f'(quality {header.quality}) was written with other weights')
     strings, offset = [], header.payload_offset
@@ -405,7 +306,7 @@ def reconstruct_image(codec: nn.Module, image: torch.Tensor) -> torch.Tensor:
     """The eval-mode forward() reconstruction of (3, H, W) uint8 -> (3, H, W) uint8 on the CPU, with the same
     padding, cropping and rounding as compress_image/decompress_image."""
     check_rgb(image)
-    refresh_entropy_tables(codec)
+    refresh_tables(codec)
     with _coding_mode(codec):
         x_hat = codec(padded_input(codec, image))['x_hat']
     return to_uint8(x_hat[0, :, :image.shape[1], :image.shape[2]]).cpu()

@@ -20,9 +20,9 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
-from zoo.layers.bitstream import load_rgb
+from zoo.data.images import load_rgb
 
-__all__ = ['PHOTOS', 'IMAGE_EXTENSIONS', 'photo_names', 'photo_path', 'load_photo', 'export_photos', 'image_files',
+__all__ = ['PHOTOS', 'photo_names', 'photo_path', 'load_photo', 'load_held_out_photos', 'export_photos',
            'RandomCropDataset']
 
 # name -> (file in skimage.data.data_dir, split)
@@ -38,7 +38,6 @@ PHOTOS: Dict[str, tuple] = {
     'immunohistochemistry': ('ihc.png', 'train'),
 }
 SPLITS = ('train', 'test')
-IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg', '.ppm', '.pgm', '.bmp', '.tif', '.tiff', '.webp')
 
 
 def photo_names(split: str) -> List[str]:
@@ -64,6 +63,11 @@ def load_photo(name: str) -> torch.Tensor:
     return load_rgb(photo_path(name), mode='strict')
 
 
+def load_held_out_photos() -> Dict[str, torch.Tensor]:
+    """The held-out ('test') photos as {'<name>.png': (3, H, W) uint8}, keyed as export_photos writes them."""
+    return {f'{name}.png': load_photo(name) for name in sorted(photo_names('test'))}
+
+
 def export_photos(split: str, out_dir: Union[str, Path]) -> List[Path]:
     """Write the `split` photos as lossless RGB PNGs `<name>.png` into `out_dir` (e.g. for `zoo eval --data DIR`);
     returns their paths."""
@@ -76,17 +80,6 @@ def export_photos(split: str, out_dir: Union[str, Path]) -> List[Path]:
         Image.fromarray(load_photo(name).permute(1, 2, 0).numpy()).save(path)
         paths.append(path)
     return paths
-
-
-def image_files(folder: Union[str, Path]) -> List[Path]:
-    """Image files (IMAGE_EXTENSIONS) under `folder`, recursively, sorted; FileNotFoundError when there are none."""
-    root = Path(folder)
-    if not root.is_dir():
-        raise FileNotFoundError(f'image folder not found: {root}')
-    files = sorted(p for p in root.rglob('*') if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
-    if not files:
-        raise FileNotFoundError(f'no images ({", ".join(IMAGE_EXTENSIONS)}) under {root}')
-    return files
 
 
 class RandomCropDataset(Dataset):

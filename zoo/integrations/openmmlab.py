@@ -20,7 +20,6 @@ from mmengine.model import BaseModule
 from mmengine.registry import MODELS
 from timm.layers import LayerNorm2d
 
-import zoo  # noqa: F401  (registers the zoo models with timm)
 from zoo.layers.contmix import ConvLayerScale
 
 __all__ = ['ZooBackbone']

@@ -5,7 +5,7 @@ EnhBlock(x) = x + 0.2 * [dense block C -> 64, 1x1 -> 3x3 -> 1x1 convs at 64, den
 The dense block is ESRGAN's five-conv residual dense block (Wang et al. 2018): 3x3 convs with growth 32, each
 seeing the concatenation of the input and all earlier outputs, LeakyReLU(0.2) after the first four; since its
 input and output widths differ, it returns the fifth conv's output without ESRGAN's inner skip.
-Assumption (anchors s2lic.md §7.2): S2LIC's unpublished fork uses this public InvCompress block unchanged; the
+Assumption (docs/s2lic.md §7.2): S2LIC's unpublished fork uses this public InvCompress block unchanged; the
 1x1 -> 3x3 -> 1x1 stack has no activations between its convs, as in InvCompress.
 """
 import torch

@@ -2,7 +2,7 @@
 
 Paper: S2LIC: Learned Image Compression with the SwinV2 Block, Adaptive Channel-wise and Global-inter Attention
 Context (Wang et al., arXiv 2403.14471). Official code: https://github.com/wyq2021/S2LIC (no licence, no weights;
-read for facts only, nothing copied). Facts and hyper-parameters: /work/shared/anchors/s2lic.md (cited as §n).
+read for facts only, nothing copied). Facts and hyper-parameters: docs/s2lic.md (cited as §n).
 
 Pipeline (§1): x -> g_a (EnhBlock, 4 stride-2 convs with RS2TB stages) -> y (M ch, H/16) -> h_a -> z (N ch, H/64),
 coded by a factorised EntropyBottleneck; h_s(z_hat) gives 2M "hyper params" (first M: hyper-scales, last M:
@@ -25,14 +25,13 @@ z_hat = round(z - median) + median the same way, so the eval-mode forward() reco
 decompress() does. Likelihoods follow CompressAI (uniform noise in training, rounding in eval). All y symbols
 (all slices, both halves, in coding order) go into one BufferedRansEncoder per image: strings = [y, z].
 
-CDF tables are kept current automatically. They are stale when a table is empty (never built) or when the
-EntropyBottleneck's parameters differ from the snapshot taken when its tables were last built (a persistent
-buffer, `_cdf_source_parameters`, so a saved model with current tables loads as current). `.eval()` /
-`train(False)` and `state_dict()` rebuild stale tables (so saved files always hold current tables); compress()
-and decompress() code in eval mode (restoring each submodule's mode afterwards), so they rebuild them too, and
-never use the BatchNorm batch statistics of training mode. The Gaussian tables depend only on the scale table;
-a custom scale table passed to update() is replaced by the default one when the tables are rebuilt automatically.
-Callers that keep their own check (zoo.layers.bitstream) can ask `cdf_tables_stale()`.
+CDF tables are kept current automatically (zoo.layers.entropy_tables, the mechanism every zoo codec uses): they
+are stale when a table is empty or the EntropyBottleneck's parameters moved since they were built. `.eval()` /
+`train(False)` and `state_dict()` rebuild stale tables (so saved state always holds current tables, and loading it
+marks them current); compress() and decompress() code in eval mode (restoring each submodule's mode afterwards), so
+they rebuild them too, and never use the BatchNorm batch statistics of training mode. The Gaussian tables depend
+only on the scale table; a custom scale table passed to update() is replaced by the default one when the tables
+are rebuilt automatically.
 
 Assumptions where the paper and code are silent (§7):
 1. AC/AG internals (§7.1). AC: conv path conv3x3 -> GELU -> conv3x3 -> GELU (2s ch); depthwise path DW3x3 ->
@@ -77,6 +76,7 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, register_mo
 from timm.models._pretrained import PretrainedCfg
 
 from zoo.layers.dense_enhance import EnhancementBlock
+from zoo.layers.entropy_tables import refresh_tables, tables_stale, track_loaded_tables
 from zoo.layers.swinv2 import ResidualSwinV2Block
 
 __all__ = ['S2LIC', 'ChannelContext', 'GlobalInterContext', 'CrossModulation', 'LatentResidualPrediction',
@@ -324,7 +324,7 @@ class S2LIC(CompressionModel):
             LatentResidualPrediction(M + s * (i + 1), s, lrp_widths) for i in range(num_slices))
         self.nonanchor_residual = nn.ModuleList(
             LatentResidualPrediction(M + s * (i + 1), s, lrp_widths) for i in range(num_slices))
-        self.register_buffer('_cdf_source_parameters', torch.zeros_like(self._entropy_bottleneck_parameters()))
+        track_loaded_tables(self)
 
     # ------------------------------------------------------------------ transforms
 
@@ -518,42 +518,25 @@ class S2LIC(CompressionModel):
 
     # ------------------------------------------------------------------ CDF tables kept current
 
-    def _entropy_bottleneck_parameters(self) -> torch.Tensor:
-        """(P,) every EntropyBottleneck parameter, flattened: what its CDF tables are built from."""
-        return torch.cat([p.detach().reshape(-1) for p in self.entropy_bottleneck.parameters()])
-
     def cdf_tables_stale(self) -> bool:
         """True when a CDF table is missing or the EntropyBottleneck changed since its tables were built."""
-        for model in (self.entropy_bottleneck, self.gaussian_conditional):
-            if model._offset.numel() == 0 or model._quantized_cdf.numel() == 0:
-                return True
-        return not torch.equal(self._cdf_source_parameters, self._entropy_bottleneck_parameters())
-
-    def refresh_cdf_tables(self) -> bool:
-        """Rebuilds the CDF tables if they are stale; returns whether it did."""
-        if self._cdf_source_parameters.is_meta:  # a meta-device model (parameter counting) has no tables
-            return False
-        with torch.no_grad():
-            return self.cdf_tables_stale() and self.update(force=True)
-
-    def update(self, scale_table: Optional[torch.Tensor] = None, force: bool = False,
-               update_quantiles: bool = False) -> bool:
-        """CompressAI's update(), recording what the EntropyBottleneck tables were built from."""
-        rebuilds_bottleneck = force or self.entropy_bottleneck._offset.numel() == 0
-        updated = super().update(scale_table=scale_table, force=force, update_quantiles=update_quantiles)
-        if rebuilds_bottleneck:
-            self._cdf_source_parameters.copy_(self._entropy_bottleneck_parameters())
-        return updated
+        return tables_stale(self)
 
     def train(self, mode: bool = True) -> 'S2LIC':
         super().train(mode)
         if not mode:
-            self.refresh_cdf_tables()
+            refresh_tables(self)
         return self
 
     def state_dict(self, *args, **kwargs):
-        self.refresh_cdf_tables()
+        refresh_tables(self)
         return super().state_dict(*args, **kwargs)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # codec files written before the tables' freshness moved to zoo.layers.entropy_tables carry the snapshot
+        # buffer S2LIC kept then; the loaded tables are marked current by the tracking hook instead
+        state_dict.pop(prefix + '_cdf_source_parameters', None)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     # ------------------------------------------------------------------ reporting
 

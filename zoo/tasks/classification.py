@@ -3,11 +3,11 @@
 The task talks to any backbone through timm's contract only; data comes from an ImageFolder tree or the
 built-in shapes set, transformed with timm's train/eval transforms.
 """
+import argparse
 import math
 from pathlib import Path
 from typing import Dict, Optional, Tuple
 
-import pytorch_lightning as pl
 import timm
 import torch
 import torch.nn as nn
@@ -17,18 +17,18 @@ from timm.utils import ModelEmaV3
 from torch.utils.data import DataLoader, Dataset, default_collate
 from torchdata.stateful_dataloader import StatefulDataLoader
 
-import zoo  # noqa: F401  (registers the zoo's models)
 from zoo.data.folder import UNREADABLE, SafeImageFolder
 from zoo.data.shapes import ShapesClassification
 from zoo.manifest import verify_listed_checkpoint
 from zoo.recipes import Recipe
+from zoo.tasks.artifact import CONFIG_FILE, WEIGHTS_FILE, read_config
 from zoo.tasks.distill import DistillConfig, DistillLoss
-from zoo.tasks.engine import (build_trainer, check_finite_loss, create_optimizer, create_scheduler, prepare_run_dir,
-                              resume_checkpoint, ScheduledModule, write_metrics)
+from zoo.tasks.engine import Monitor, TaskModule, fit, start_run
 from zoo.tasks.phases import train_phases
+from zoo.tasks.protocol import Task
 
 __all__ = ['ClassificationModule', 'build_model', 'data_config', 'build_datasets', 'train', 'evaluate', 'predict',
-           'export_model', 'skip_unreadable_collate']
+           'export_model', 'skip_unreadable_collate', 'load_model', 'TASK']
 
 
 def skip_unreadable_collate(batch):
@@ -95,14 +95,11 @@ def build_datasets(recipe: Recipe, train_transform=None, val_transform=None) -> 
     raise ValueError(f"data.name must be 'shapes' or 'imagefolder', got {d.name!r}")
 
 
-class ClassificationModule(ScheduledModule):
+class ClassificationModule(TaskModule):
     """A timm model trained with mixup/cutmix, label smoothing, layer decay, EMA and a per-step LR schedule."""
 
     def __init__(self, recipe: Recipe, num_classes: int, updates_per_epoch: int, run_dir: Optional[Path] = None):
-        super().__init__()
-        self.recipe = recipe
-        self.run_dir = run_dir
-        self.updates_per_epoch = updates_per_epoch
+        super().__init__(recipe, updates_per_epoch, run_dir)
         self.model = build_model(recipe, num_classes)
         self.ema = ModelEmaV3(self.model, decay=recipe.trainer.ema_decay) if recipe.trainer.ema else None
         a, smoothing = recipe.aug, recipe.loss.smoothing
@@ -125,50 +122,44 @@ class ClassificationModule(ScheduledModule):
                              f'(forward_with_aux); remove loss.aux_weight')
         self.top_k = min(5, num_classes)
         self.skipped_images = 0
-        self.fit_seconds = 0.0
         self._val = {'correct1': 0, 'correctk': 0, 'count': 0, 'loss': 0.0}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(x)
 
-    def configure_optimizers(self):
-        world_size = self.trainer.world_size if self._trainer is not None else 1
-        optimizer = create_optimizer(self.model, self.recipe, world_size, layer_decay=self.recipe.optim.layer_decay)
-        self.scheduler = create_scheduler(optimizer, self.recipe, self.updates_per_epoch)
-        if self.scheduler is not None:  # sched 'none' keeps the optimizer's lr
-            self.scheduler.step_update(self.global_step)
-        return optimizer
+    def parameter_groups(self):
+        return self.model
+
+    def optimizer_overrides(self) -> Dict:
+        return dict(layer_decay=self.recipe.optim.layer_decay)
 
     def training_step(self, batch, batch_idx):
         if batch is None:
             return None
         images, labels, skipped = batch
+        self.check_batch_finite(images, batch_idx)
         self.skipped_images += int(skipped)
         targets = labels
         if self.mixup is not None and images.shape[0] % 2 == 0:
             images, targets = self.mixup(images, labels)
-        loss = self._training_loss(images, targets)
-        check_finite_loss(loss.detach(), self.global_step, self.current_epoch, self.run_dir)
-        self.log('train_loss', loss, prog_bar=True, on_step=True, on_epoch=True)
-        self.log('lr', self.trainer.optimizers[0].param_groups[0]['lr'], on_step=True, on_epoch=False)
+        loss, parts = self._training_loss(images, targets)
+        self.log_training_loss(loss, batch_idx, images.shape[0], parts)
         return loss
 
-    def _training_loss(self, images: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """The recipe's loss: distillation, main + aux_weight * auxiliary head, or the plain criterion."""
+    def _training_loss(self, images: torch.Tensor, targets: torch.Tensor) -> Tuple[torch.Tensor, Dict]:
+        """(loss, its logged parts): distillation, main + aux_weight * auxiliary head, or the plain criterion."""
         if self.distill is not None:
-            loss, parts = self.distill(self.model, images, targets)
-            self.log_dict({f'train_{name}': value for name, value in parts.items()}, on_step=True, on_epoch=True)
-            return loss
+            return self.distill(self.model, images, targets)
         if self.recipe.loss.aux_weight:
             logits, aux_logits = self.model.forward_with_aux(images)
-            return self.train_loss(logits, targets) + self.recipe.loss.aux_weight * self.train_loss(aux_logits, targets)
-        return self.train_loss(self.model(images), targets)
+            return (self.train_loss(logits, targets)
+                    + self.recipe.loss.aux_weight * self.train_loss(aux_logits, targets)), {}
+        return self.train_loss(self.model(images), targets), {}
 
     def on_train_batch_end(self, outputs, batch, batch_idx):
         if self.ema is not None:
             self.ema.update(self.model, step=self.global_step)
-        if self.scheduler is not None:
-            self.scheduler.step_update(self.global_step)
+        super().on_train_batch_end(outputs, batch, batch_idx)
 
     def _eval_model(self) -> nn.Module:
         return self.ema.module if self.ema is not None else self.model
@@ -193,7 +184,7 @@ class ClassificationModule(ScheduledModule):
         totals = self.trainer.strategy.reduce(totals, reduce_op='sum')
         count = max(totals[2].item(), 1.0)
         self.log_dict({'val_top1': 100 * totals[0].item() / count, 'val_top5': 100 * totals[1].item() / count,
-                       'val_loss': totals[3].item() / count}, prog_bar=True, sync_dist=False)
+                       'val_loss': totals[3].item() / count}, prog_bar=True, sync_dist=False, batch_size=int(count))
 
     def on_save_checkpoint(self, checkpoint):
         super().on_save_checkpoint(checkpoint)
@@ -236,8 +227,7 @@ def train(recipe: Recipe, output: str, resume: Optional[str] = None) -> Dict[str
             raise ValueError('--resume is not supported for recipes with phases yet; rerun the unfinished phase '
                              'as its own recipe')
         return train_phases(recipe, output, train)
-    out = prepare_run_dir(recipe, output)
-    pl.seed_everything(recipe.trainer.seed, workers=True, verbose=False)
+    out = start_run(recipe, output)
     probe = timm.create_model(recipe.model.name, **recipe.model.kwargs)
     config = data_config(recipe, probe)
     del probe
@@ -245,17 +235,16 @@ def train(recipe: Recipe, output: str, resume: Optional[str] = None) -> Dict[str
     train_loader, val_loader = _loader(train_set, recipe, True), _loader(val_set, recipe, False)
     updates = max(1, math.ceil(len(train_loader) / recipe.trainer.accumulate))
     module = ClassificationModule(recipe, num_classes, updates, run_dir=out)
-    trainer = build_trainer(recipe, out, monitor='val_top1')
-    resume = resume_checkpoint(resume, out)
-    trainer.fit(module, train_loader, val_loader, ckpt_path=resume, weights_only=True)  # never unpickle objects
-    final = trainer.validate(module, val_loader, verbose=False)[0]
-    metrics = {'val_top1': final['val_top1'], 'val_top5': final['val_top5'], 'val_loss': final['val_loss'],
-               'epochs': trainer.current_epoch, 'seconds': round(module.fit_seconds, 1),
-               'skipped_images': module.skipped_images}
-    if trainer.is_global_zero:
-        export_model(module._eval_model(), config, out / 'model', getattr(train_set, 'classes', None))
-        write_metrics(out, metrics)
-    return metrics
+
+    def summarize(trainer) -> Dict:
+        final = trainer.validate(module, val_loader, verbose=False)[0]
+        return {'val_top1': final['val_top1'], 'val_top5': final['val_top5'], 'val_loss': final['val_loss'],
+                'skipped_images': module.skipped_images}
+
+    def export(folder: Path) -> None:
+        export_model(module._eval_model(), config, folder, getattr(train_set, 'classes', None))
+
+    return fit(module, recipe, out, train_loader, val_loader, Monitor('val_top1', 'max'), resume, export, summarize)
 
 
 def evaluate(model: nn.Module, dataset: Dataset, batch_size: int = 128, workers: int = 2) -> Dict[str, float]:
@@ -306,3 +295,60 @@ def predict(model: nn.Module, images, top_k: int = 5):
 def eval_transform(model: nn.Module):
     """The model's pretrained-cfg eval transform (resize, centre crop, normalise)."""
     return create_transform(**resolve_data_config({}, model=model), is_training=False)
+
+
+def load_model(checkpoint: Optional[str], model_name: Optional[str], num_classes: Optional[int] = None) -> nn.Module:
+    """A classifier from a model folder (zoo train / convert output), or a registered model with a weights file.
+
+    Raises:
+        ValueError: a missing checkpoint, no model name for a weights file, or weights that do not fit.
+    """
+    path = Path(checkpoint) if checkpoint else None
+    if path is not None and not path.exists():
+        raise ValueError(f'checkpoint not found: {path}')
+    if path is not None:
+        verify_listed_checkpoint(path)
+    if path is not None and path.is_dir():
+        read_config(path)  # a damaged config.json is one clear error, not a failure inside timm
+        return timm.create_model(f'local-dir:{path}', pretrained=True)
+    if not model_name:
+        raise ValueError('--model is required unless --checkpoint is a model folder (config.json + weights)')
+    kwargs = {} if num_classes is None else dict(num_classes=num_classes)
+    if path is None:
+        return timm.create_model(model_name, **kwargs)
+    overlay = dict(file=str(path), **kwargs)
+    return timm.create_model(model_name, pretrained=True, pretrained_cfg_overlay=overlay, **kwargs)
+
+
+def _evaluate_command(args: argparse.Namespace) -> Dict:
+    """`zoo eval` for classification: top-1 / top-5 on an ImageFolder or the shapes validation split."""
+    if not args.data:
+        raise ValueError("--data is required: an ImageFolder root or 'shapes'")
+    model = load_model(args.checkpoint, args.model, args.num_classes)
+    transform = eval_transform(model)
+    if args.data == 'shapes':
+        dataset = ShapesClassification(args.shapes_size, img_size=model.pretrained_cfg['input_size'][-1],
+                                       num_classes=model.num_classes, split='val', transform=transform)
+    else:
+        dataset = SafeImageFolder(args.data, transform=transform)
+        if len(dataset.classes) > model.num_classes:
+            raise ValueError(f'{args.data} has {len(dataset.classes)} classes but the model predicts '
+                             f'{model.num_classes}')
+    return evaluate(model, dataset, batch_size=args.batch_size or 128, workers=args.workers)
+
+
+def _add_eval_arguments(group: argparse._ArgumentGroup) -> None:
+    group.add_argument('--num-classes', type=int, default=None, help='classes of --model with a weights file')
+    group.add_argument('--shapes-size', type=int, default=1000, help="images in the shapes validation split "
+                                                                     "(--data shapes)")
+
+
+def _is_timm_model_folder(folder: Path) -> bool:
+    """A timm local-dir folder (config.json naming an architecture, safetensors weights), as zoo convert writes."""
+    if not (folder / CONFIG_FILE).is_file() or not (folder / WEIGHTS_FILE).is_file():
+        return False
+    return 'architecture' in read_config(folder)
+
+
+TASK = Task(name='classification', train=train, evaluate=_evaluate_command, add_eval_arguments=_add_eval_arguments,
+            recognizes=_is_timm_model_folder, phases=True)

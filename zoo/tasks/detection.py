@@ -9,7 +9,6 @@ checkpoint (`backbone.` prefix stripped, then the family's `checkpoint_filter_fn
 """
 import contextlib
 import io
-import json
 import math
 import sys
 from collections import OrderedDict
@@ -17,13 +16,12 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
-import pytorch_lightning as pl
 import timm
 import torch
 import torch.nn as nn
 from pycocotools import mask as mask_utils
 from pycocotools.cocoeval import COCOeval
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from timm.optim import param_groups_weight_decay
 from torch.utils.data import DataLoader
 from torchvision.models.detection import FCOS, MaskRCNN, RetinaNet
@@ -32,17 +30,18 @@ from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredic
 from torchvision.ops import FeaturePyramidNetwork
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool, LastLevelP6P7
 
-import zoo  # noqa: F401  (registers the zoo's models)
 from zoo.data.coco import CocoInstances, detection_collate, shapes_coco
-from zoo.recipes import Recipe
-from zoo.tasks.engine import (atomic_write_bytes, backbone_no_weight_decay, build_trainer, check_finite_loss,
-                              create_optimizer, create_scheduler, prepare_run_dir, resume_checkpoint, ScheduledModule,
-                              write_metrics)
+from zoo.recipes import Recipe, RecipeError
+from zoo.tasks.artifact import CONFIG_FILE, WEIGHTS_FILE, load_weights, read_config, save_weights, write_config
+from zoo.tasks.engine import Monitor, TaskModule, backbone_no_weight_decay, fit, start_run
+from zoo.tasks.protocol import Task
 
 __all__ = ['ARCHS', 'HeadConfig', 'FeaturePyramidBackbone', 'load_backbone_weights', 'build_detector',
            'validate_images', 'coco_evaluate', 'evaluate', 'DetectionModule', 'build_datasets', 'train',
-           'save_detector', 'load_detector', 'evaluate_checkpoint']
+           'save_detector', 'load_detector', 'evaluate_checkpoint', 'TASK']
 
+# what save_detector's config.json holds for load_detector
+_DETECTOR_CONFIG_KEYS = ('model', 'model_kwargs', 'num_classes', 'classes', 'head', 'mean', 'std')
 # detector -> backbone strides it reads (the torchvision defaults' anchor sizes and RoI levels assume these)
 ARCHS = {'mask_rcnn': (4, 8, 16, 32), 'retinanet': (8, 16, 32), 'fcos': (8, 16, 32)}
 
@@ -295,15 +294,12 @@ def evaluate(detector: nn.Module, dataset: CocoInstances, batch_size: int = 8, w
     return dict(_metrics(dataset, outputs, image_ids), images=len(image_ids))
 
 
-class DetectionModule(ScheduledModule):
+class DetectionModule(TaskModule):
     """A detector trained with the summed torchvision losses, timm's optimizer (AdamW) and per-step schedule."""
 
     def __init__(self, recipe: Recipe, num_classes: int, updates_per_epoch: int, val_set: CocoInstances,
                  run_dir: Optional[Path] = None):
-        super().__init__()
-        self.recipe = recipe
-        self.run_dir = run_dir
-        self.updates_per_epoch = updates_per_epoch
+        super().__init__(recipe, updates_per_epoch, run_dir)
         self.val_set = val_set
         self.detector = build_detector(recipe.model.name, num_classes, recipe.head, recipe.model.kwargs,
                                        recipe.model.checkpoint, **_norm(recipe))
@@ -312,34 +308,25 @@ class DetectionModule(ScheduledModule):
             getattr(body, 'model', body).set_grad_checkpointing(True)
         self._outputs: List[Dict] = []
         self._image_ids: List[int] = []
-        self.fit_seconds = 0.0
 
-    def configure_optimizers(self):
+    def parameter_groups(self):
         # no decay on 1-d tensors (biases, norms) and on the backbone's own no_weight_decay() names (position
         # biases, tokens), as the official downstream configs exempt them
-        groups = param_groups_weight_decay(self.detector, self.recipe.optim.weight_decay,
-                                           backbone_no_weight_decay(self.detector.backbone.body, 'backbone.body.'))
-        world_size = self.trainer.world_size if self._trainer is not None else 1
-        optimizer = create_optimizer(groups, self.recipe, world_size, weight_decay=0.0)
-        self.scheduler = create_scheduler(optimizer, self.recipe, self.updates_per_epoch)
-        if self.scheduler is not None:
-            self.scheduler.step_update(self.global_step)
-        return optimizer
+        return param_groups_weight_decay(self.detector, self.recipe.optim.weight_decay,
+                                         backbone_no_weight_decay(self.detector.backbone.body, 'backbone.body.'))
+
+    def optimizer_overrides(self) -> Dict:
+        return dict(weight_decay=0.0)  # the groups carry their own decay
 
     def training_step(self, batch, batch_idx):
         images, targets = batch
         validate_images(images, targets)
+        for image in images:
+            self.check_batch_finite(image, batch_idx)
         losses = self.detector(images, targets)
         loss = sum(losses.values())
-        check_finite_loss(loss.detach(), self.global_step, self.current_epoch, self.run_dir)
-        self.log_dict({f'train_{k}': v for k, v in losses.items()}, on_step=True, on_epoch=True,
-                      batch_size=len(images))
-        self.log('train_loss', loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=len(images))
+        self.log_training_loss(loss, batch_idx, len(images), losses)
         return loss
-
-    def on_train_batch_end(self, outputs, batch, batch_idx):
-        if self.scheduler is not None:
-            self.scheduler.step_update(self.global_step)
 
     def on_validation_epoch_start(self):
         self._outputs, self._image_ids = [], []
@@ -353,7 +340,7 @@ class DetectionModule(ScheduledModule):
     def on_validation_epoch_end(self):
         # each process scores its own share of the validation images (exact on one device)
         metrics = _metrics(self.val_set, self._outputs, self._image_ids)
-        self.log_dict({f'val_{k}': v for k, v in metrics.items()}, prog_bar=True)
+        self.log_dict({f'val_{k}': v for k, v in metrics.items()}, prog_bar=True, batch_size=len(self._image_ids))
 
 
 def _norm(recipe: Recipe) -> Dict[str, Tuple[float, ...]]:
@@ -398,24 +385,23 @@ def _loader(dataset, recipe: Recipe, train: bool) -> DataLoader:
 
 def save_detector(detector: nn.Module, folder: Path, config: Dict[str, Any]) -> Path:
     """Final weights as folder/model.safetensors + folder/config.json (everything load_detector needs)."""
-    folder.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().cpu().contiguous() for k, v in detector.state_dict().items()}
-    tmp = folder / '.model.safetensors.tmp'
-    save_file(state, str(tmp))
-    tmp.replace(folder / 'model.safetensors')
-    atomic_write_bytes(folder / 'config.json', (json.dumps(config, indent=1) + '\n').encode())
+    save_weights(folder, detector.state_dict())
+    write_config(folder, config)
     return folder
 
 
 def load_detector(folder: str) -> Tuple[nn.Module, Dict[str, Any]]:
     """(detector, config) from a folder written by save_detector (a training run's DIR/model)."""
     folder = Path(folder)
-    if not (folder / 'config.json').is_file() or not (folder / 'model.safetensors').is_file():
-        raise FileNotFoundError(f'{folder} is not a detector folder (needs config.json and model.safetensors)')
-    config = json.loads((folder / 'config.json').read_text())
+    if not (folder / CONFIG_FILE).is_file() or not (folder / WEIGHTS_FILE).is_file():
+        raise FileNotFoundError(f'{folder} is not a detector folder (needs {CONFIG_FILE} and {WEIGHTS_FILE})')
+    config = read_config(folder)
+    missing = [key for key in _DETECTOR_CONFIG_KEYS if key not in config]
+    if missing:
+        raise ValueError(f'{folder / CONFIG_FILE} is not a detector config: it lacks {missing}')
     detector = build_detector(config['model'], config['num_classes'], config['head'], config['model_kwargs'],
                               mean=config['mean'], std=config['std'])
-    detector.load_state_dict(load_file(str(folder / 'model.safetensors')), strict=True)
+    detector.load_state_dict(load_weights(folder / WEIGHTS_FILE), strict=True)
     return detector.eval(), config
 
 
@@ -435,24 +421,48 @@ def evaluate_checkpoint(folder: str, ann_file: str, image_dir: str, batch_size: 
 
 def train(recipe: Recipe, output: str, resume: Optional[str] = None) -> Dict[str, float]:
     """Train the recipe's detector; writes the run folder (zoo.tasks.engine) plus DIR/model, returns the metrics."""
-    if recipe.phases:
-        raise ValueError('detection recipes do not support phases')
-    HeadConfig(recipe.head)  # fail on a bad head before exporting data or building anything
-    out = prepare_run_dir(recipe, output)
-    pl.seed_everything(recipe.trainer.seed, workers=True, verbose=False)
+    out = start_run(recipe, output)
     train_set, val_set = build_datasets(recipe, out / 'data')
     train_loader, val_loader = _loader(train_set, recipe, True), _loader(val_set, recipe, False)
     updates = max(1, math.ceil(len(train_loader) / recipe.trainer.accumulate))
     module = DetectionModule(recipe, train_set.num_classes, updates, val_set, run_dir=out)
-    trainer = build_trainer(recipe, out, monitor='val_bbox_mAP')
-    resume = resume_checkpoint(resume, out)
-    trainer.fit(module, train_loader, val_loader, ckpt_path=resume, weights_only=True)
-    final = trainer.validate(module, val_loader, verbose=False)[0]
-    metrics = {k[len('val_'):]: v for k, v in final.items() if k.startswith('val_')}
-    metrics.update(epochs=trainer.current_epoch, seconds=round(module.fit_seconds, 1))
-    if trainer.is_global_zero:
+
+    def summarize(trainer) -> Dict:
+        final = trainer.validate(module, val_loader, verbose=False)[0]
+        return {k[len('val_'):]: v for k, v in final.items() if k.startswith('val_')}
+
+    def export(folder: Path) -> None:
         config = dict(model=recipe.model.name, model_kwargs=recipe.model.kwargs, num_classes=train_set.num_classes,
                       classes=train_set.classes, head=HeadConfig(recipe.head).to_dict(), **_norm(recipe))
-        save_detector(module.detector, out / 'model', config)
-        write_metrics(out, metrics)
-    return metrics
+        save_detector(module.detector, folder, config)
+
+    return fit(module, recipe, out, train_loader, val_loader, Monitor('val_bbox_mAP', 'max'), resume, export,
+               summarize)
+
+
+def _check_recipe(recipe: Recipe) -> None:
+    try:
+        HeadConfig(recipe.head)
+    except ValueError as err:
+        raise RecipeError(f'{recipe.path}: {err}') from None
+
+
+def _evaluate_command(args) -> Dict:
+    """`zoo eval` for detection: COCO mAP of a detector folder (`zoo train` writes RUN/model) on images + COCO json."""
+    if not args.checkpoint or not args.ann_file or not args.data:
+        raise ValueError('--task detection needs --checkpoint DIR/model (a trained detector), --ann-file JSON and '
+                         '--data IMAGE_FOLDER')
+    return evaluate_checkpoint(args.checkpoint, args.ann_file, args.data, args.batch_size or 8, args.workers)
+
+
+def _add_eval_arguments(group) -> None:
+    group.add_argument('--ann-file', default=None, help='COCO json of the images in --data')
+
+
+def _is_detector_folder(folder: Path) -> bool:
+    """A detector folder written before the artifact metadata existed: its config names a detection head."""
+    return (folder / CONFIG_FILE).is_file() and all(key in read_config(folder) for key in _DETECTOR_CONFIG_KEYS)
+
+
+TASK = Task(name='detection', train=train, evaluate=_evaluate_command, add_eval_arguments=_add_eval_arguments,
+            check_recipe=_check_recipe, recognizes=_is_detector_folder)

@@ -1,21 +1,25 @@
-"""What every task's training shares: the run folder, atomic checkpoints, loggers and the Lightning trainer.
+"""The training loop every task runs: run folder, trainer, resume, fit, export and metrics, in one place.
 
-Run folder layout (`--output DIR`):
+A task builds its data loaders and its `TaskModule` (a LightningModule whose optimizer, per-update timm schedule,
+finite-loss checks and logging live here), then calls `fit`. Run folder layout (`--output DIR`):
     DIR/recipe.yaml                 the resolved recipe the run used
-    DIR/checkpoints/last.ckpt       full training state, written atomically at every epoch end (resume from it)
-    DIR/checkpoints/best.ckpt       best validation score so far
+    DIR/checkpoints/last.ckpt       full training state, written atomically at every epoch end (resume from it);
+                                    the one before it is kept as last.previous.ckpt, the fallback when last.ckpt is
+                                    unreadable
+    DIR/checkpoints/best.ckpt       best validation score so far (the task's monitor, max or min)
     DIR/logs/                       CSV metrics (and wandb's offline files when enabled)
-    DIR/model/                      final weights as model.safetensors + config.json (timm `local-dir:` format)
-    DIR/metrics.json                final validation metrics, written when the run ends
+    DIR/model/                      the task's artifact: config.json + safetensors weights (zoo.tasks.artifact)
+    DIR/metrics.json                final metrics, written when the run ends
 """
 import importlib.util
 import io
 import json
 import os
-import tempfile
 import time
+import warnings
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 import pytorch_lightning as pl
 import torch
@@ -24,50 +28,66 @@ from pytorch_lightning.callbacks import Callback, ModelCheckpoint
 from timm.optim import create_optimizer_v2
 from timm.scheduler import create_scheduler_v2
 
+from zoo.files import atomic_write_bytes
 from zoo.recipes import Recipe, save_recipe
+from zoo.tasks import artifact
 
-__all__ = ['AtomicCheckpointIO', 'atomic_write_bytes', 'build_trainer', 'prepare_run_dir', 'write_metrics',
-           'check_finite_loss']
+__all__ = ['Monitor', 'TaskModule', 'start_run', 'fit', 'build_trainer', 'write_metrics', 'resume_checkpoint',
+           'check_finite_loss', 'check_finite_batch', 'create_optimizer', 'create_scheduler',
+           'backbone_no_weight_decay', 'AtomicCheckpointIO', 'PREVIOUS_LAST']
+
+PREVIOUS_LAST = 'last.previous.ckpt'
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write `data` to a temp file beside `path`, fsync it, then rename over `path` (never a half-written file)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f'.{path.name}.')
-    try:
-        with os.fdopen(fd, 'wb') as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+@dataclass(frozen=True)
+class Monitor:
+    """The validation metric that picks best.ckpt, and whether higher ('max') or lower ('min') is better."""
+    name: str
+    mode: str = 'max'
+
+    def __post_init__(self):
+        if self.mode not in ('max', 'min'):
+            raise ValueError(f"monitor mode must be 'max' or 'min', got {self.mode!r}")
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
-    """Lightning checkpoints written to a temp file and renamed, so an interrupted save keeps the last good one."""
+    """Lightning checkpoints written to a temp file and renamed, so an interrupted save keeps the last good one; the
+    last.ckpt being replaced is kept as last.previous.ckpt, so a last.ckpt damaged later still leaves a good one."""
 
     def save_checkpoint(self, checkpoint: Dict[str, Any], path, storage_options: Optional[Any] = None) -> None:
+        path = Path(path)
         buffer = io.BytesIO()
         torch.save(checkpoint, buffer)
-        atomic_write_bytes(Path(path), buffer.getvalue())
+        if path.name == 'last.ckpt' and path.is_file():
+            os.replace(path, path.with_name(PREVIOUS_LAST))
+        atomic_write_bytes(path, buffer.getvalue())
 
 
-def prepare_run_dir(recipe: Recipe, output: str) -> Path:
-    """Create the run folder and record the resolved recipe in it."""
+def start_run(recipe: Recipe, output: str) -> Path:
+    """Create the run folder, record the resolved recipe in it and seed every generator (before any data is built,
+    so that the shapes data, crops and initial weights are the same on every run of the recipe)."""
     out = Path(output)
     (out / 'checkpoints').mkdir(parents=True, exist_ok=True)
     save_recipe(recipe, out / 'recipe.yaml')
+    pl.seed_everything(recipe.trainer.seed, workers=True, verbose=False)
     return out
 
 
-def check_finite_loss(loss: torch.Tensor, step: int, epoch: int, run_dir: Optional[Path]) -> None:
+def check_finite_loss(loss: torch.Tensor, step: int, epoch: int, batch_idx: int, run_dir: Optional[Path]) -> None:
     """Stop training with a clear message when the loss is NaN or infinite (checkpoints already written stay)."""
     if not torch.isfinite(loss).all():
         kept = f'; the last good checkpoint is {run_dir / "checkpoints" / "last.ckpt"}' if run_dir else ''
-        raise FloatingPointError(f'training loss became {loss.item()} at step {step} (epoch {epoch}); stopping'
-                                 f'{kept}. Lower optim.lr, enable trainer.clip_grad, or check the data.')
+        raise FloatingPointError(f'training loss became {loss.item()} at step {step} (epoch {epoch}, batch '
+                                 f'{batch_idx}); stopping{kept}. Lower optim.lr, enable trainer.clip_grad, or check '
+                                 f'the data.')
+
+
+def check_finite_batch(tensor: torch.Tensor, step: int, epoch: int, batch_idx: int) -> None:
+    """Stop with a message naming the batch when an input tensor holds NaN or infinite values (a corrupt sample
+    would otherwise turn every weight into NaN one step later)."""
+    if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+        raise FloatingPointError(f'batch {batch_idx} of epoch {epoch} (step {step}) holds NaN or infinite input '
+                                 f'values; stopping. Check the data (a corrupt image, a bad transform).')
 
 
 class _Timer(Callback):
@@ -94,12 +114,16 @@ def _loggers(recipe: Recipe, out: Path) -> List:
     return loggers
 
 
-def build_trainer(recipe: Recipe, out: Path, monitor: str, extra_callbacks: List[Callback] = ()) -> pl.Trainer:
-    """Lightning trainer configured from the recipe's `trainer`, `schedule` and `logging` sections."""
+def build_trainer(recipe: Recipe, out: Path, monitor: Monitor, lightning_clips: bool = True) -> pl.Trainer:
+    """Lightning trainer configured from the recipe's `trainer`, `schedule` and `logging` sections.
+
+    lightning_clips: whether Lightning applies trainer.clip_grad; a module under manual optimization clips its own
+    gradients (Lightning refuses a Trainer-level clip value there).
+    """
     t = recipe.trainer
     checkpoints = [
-        ModelCheckpoint(dirpath=out / 'checkpoints', filename='best', monitor=monitor, mode='max', save_last=False,
-                        enable_version_counter=False),
+        ModelCheckpoint(dirpath=out / 'checkpoints', filename='best', monitor=monitor.name, mode=monitor.mode,
+                        save_last=False, enable_version_counter=False),
         ModelCheckpoint(dirpath=out / 'checkpoints', filename='last', every_n_train_steps=t.checkpoint_every_steps,
                         save_on_train_epoch_end=True, enable_version_counter=False),
     ]
@@ -110,11 +134,11 @@ def build_trainer(recipe: Recipe, out: Path, monitor: str, extra_callbacks: List
         num_nodes=t.num_nodes,
         strategy=t.strategy,
         precision=t.precision,
-        gradient_clip_val=t.clip_grad,
+        gradient_clip_val=t.clip_grad if lightning_clips else None,
         accumulate_grad_batches=t.accumulate,
         sync_batchnorm=t.sync_batchnorm,
         check_val_every_n_epoch=t.val_every,
-        callbacks=[*checkpoints, _Timer(), *extra_callbacks],
+        callbacks=[*checkpoints, _Timer()],
         logger=_loggers(recipe, out) or False,
         enable_progress_bar=recipe.logging.progress,
         enable_model_summary=False,
@@ -125,20 +149,45 @@ def build_trainer(recipe: Recipe, out: Path, monitor: str, extra_callbacks: List
     )
 
 
-def write_metrics(out: Path, metrics: Dict[str, float]) -> Path:
+def write_metrics(out: Path, metrics: Dict[str, Any]) -> Path:
     """Write DIR/metrics.json atomically; returns its path."""
-    path = out / 'metrics.json'
+    path = Path(out) / 'metrics.json'
     atomic_write_bytes(path, (json.dumps(metrics, indent=1, sort_keys=True) + '\n').encode())
     return path
 
 
+def _readable_checkpoint(path: Path) -> Optional[str]:
+    """None when `path` loads as a Lightning checkpoint (tensors only), else why not."""
+    try:
+        state = torch.load(str(path), map_location='cpu', weights_only=True, mmap=True)
+    except Exception as err:  # torch raises RuntimeError, EOFError, pickle and zip errors for damaged files
+        return f'{type(err).__name__}: {err}'
+    if not isinstance(state, dict) or 'state_dict' not in state:
+        return 'not a Lightning checkpoint (no state_dict)'
+    return None
+
+
 def resume_checkpoint(resume: Optional[str], out: Path) -> Optional[str]:
-    """The checkpoint `zoo train --resume` names: 'last' is the run folder's last.ckpt; a missing file is an error."""
-    if resume == 'last':
-        resume = str(out / 'checkpoints' / 'last.ckpt')
-    if resume and not Path(resume).is_file():
-        raise FileNotFoundError(f'no checkpoint to resume from at {resume}')
-    return resume
+    """The checkpoint `zoo train --resume` continues from, checked before training starts.
+
+    'last' is the run folder's last.ckpt; when that file is damaged (truncated, corrupt) the previous one,
+    last.previous.ckpt, is used with a warning. A missing or damaged checkpoint with no fallback is an error.
+    """
+    if not resume:
+        return None
+    path = Path(out) / 'checkpoints' / 'last.ckpt' if resume == 'last' else Path(resume)
+    if not path.is_file():
+        raise FileNotFoundError(f'no checkpoint to resume from at {path}')
+    problem = _readable_checkpoint(path)
+    if problem is None:
+        return str(path)
+    previous = path.with_name(PREVIOUS_LAST)
+    if resume == 'last' and previous.is_file() and _readable_checkpoint(previous) is None:
+        warnings.warn(f'{path} is unreadable ({problem}); resuming from the previous checkpoint {previous} instead '
+                      f'(up to one epoch of training is repeated)', stacklevel=2)
+        return str(previous)
+    raise ValueError(f'cannot resume from {path}: the checkpoint is unreadable ({problem}) and no good previous '
+                     f'checkpoint exists')
 
 
 def backbone_no_weight_decay(body: torch.nn.Module, prefix: str) -> set:
@@ -173,11 +222,62 @@ def create_scheduler(optimizer: torch.optim.Optimizer, recipe: Recipe, updates_p
     return scheduler
 
 
-class ScheduledModule(pl.LightningModule):
-    """A task's LightningModule whose timm scheduler (`self.scheduler`, set in configure_optimizers, None for sched
-    'none') steps per update and travels in every checkpoint, so `--resume` continues the same lr curve."""
+class TaskModule(pl.LightningModule):
+    """The base of every task's LightningModule: the recipe's optimizer over `parameter_groups()`, a timm schedule
+    stepped per update whose state travels in every checkpoint (so `--resume` continues the same lr curve), and
+    the training-loss checks and logging every task shares.
+
+    Subclasses implement `parameter_groups()` (a module or a list of parameter groups) and may return
+    create_optimizer overrides from `optimizer_overrides()` (layer decay, a zero default weight decay, ...).
+    """
     scheduler = None
     _scheduler_state = None  # restored by on_load_checkpoint, applied once the scheduler exists
+
+    def __init__(self, recipe: Recipe, updates_per_epoch: int, run_dir: Optional[Path] = None):
+        super().__init__()
+        self.recipe = recipe
+        self.updates_per_epoch = updates_per_epoch
+        self.run_dir = run_dir
+        self.fit_seconds = 0.0
+
+    def parameter_groups(self):
+        raise NotImplementedError
+
+    def optimizer_overrides(self) -> Dict[str, Any]:
+        return {}
+
+    def create_main_optimizer(self) -> torch.optim.Optimizer:
+        """The recipe's optimizer over parameter_groups(), with the schedule attached as `self.scheduler`."""
+        world_size = self.trainer.world_size if self._trainer is not None else 1
+        optimizer = create_optimizer(self.parameter_groups(), self.recipe, world_size, **self.optimizer_overrides())
+        self.scheduler = create_scheduler(optimizer, self.recipe, self.updates_per_epoch)
+        if self.scheduler is not None:  # sched 'none' keeps the optimizer's lr
+            self.scheduler.step_update(self.global_step)
+        return optimizer
+
+    def configure_optimizers(self):
+        return self.create_main_optimizer()
+
+    def step_scheduler(self) -> None:
+        if self.scheduler is not None:
+            self.scheduler.step_update(self.global_step)
+
+    def on_train_batch_end(self, outputs, batch, batch_idx):
+        self.step_scheduler()
+
+    def check_batch_finite(self, tensor: torch.Tensor, batch_idx: int) -> None:
+        check_finite_batch(tensor, self.global_step, self.current_epoch, batch_idx)
+
+    def log_training_loss(self, loss: torch.Tensor, batch_idx: int, batch_size: int,
+                          parts: Optional[Dict[str, torch.Tensor]] = None) -> None:
+        """Stop on a non-finite loss, then log it (and its parts) per step and per epoch, with the current lr."""
+        check_finite_loss(loss.detach(), self.global_step, self.current_epoch, batch_idx, self.run_dir)
+        self.log('train_loss', loss.detach(), prog_bar=True, on_step=True, on_epoch=True, batch_size=batch_size)
+        if parts:
+            self.log_dict({f'train_{name}': value.detach() if torch.is_tensor(value) else value
+                           for name, value in parts.items()}, on_step=True, on_epoch=True, batch_size=batch_size)
+        self.log('lr', self.trainer.optimizers[0].param_groups[0]['lr'], on_step=True, on_epoch=False,
+                 batch_size=batch_size)
 
     def on_save_checkpoint(self, checkpoint):
         checkpoint['zoo_scheduler'] = self.scheduler.state_dict() if self.scheduler else None
@@ -191,3 +291,29 @@ class ScheduledModule(pl.LightningModule):
         if self._scheduler_state:
             self.scheduler.load_state_dict(self._scheduler_state)
         self.scheduler.step_update(self.global_step)
+
+
+def fit(module: TaskModule, recipe: Recipe, out: Path, train_loader, val_loader, monitor: Monitor,
+        resume: Optional[str], export: Callable[[Path], Optional[Dict[str, Any]]],
+        summarize: Callable[[pl.Trainer], Dict[str, Any]]) -> Dict[str, Any]:
+    """Train `module` and finish the run folder; returns the final metrics.
+
+    train_loader must yield at least one batch (a training set smaller than one batch is refused before training,
+    since drop_last would make every epoch empty). After training, `summarize(trainer)` (every process) gives the
+    metrics and, on the global-zero process only, `export(out / 'model')` writes the task's artifact and may return
+    more metrics; the artifact's config.json then records the task, recipe and metrics, and metrics.json is written.
+    """
+    if len(train_loader) == 0:
+        raise ValueError(f'the training set makes no full batch: data.batch_size={recipe.data.batch_size} is larger '
+                         f'than the {len(train_loader.dataset)} training samples (the last partial batch is '
+                         f'dropped); lower data.batch_size or add data')
+    trainer = build_trainer(recipe, out, monitor, lightning_clips=module.automatic_optimization)
+    resume = resume_checkpoint(resume, out)
+    trainer.fit(module, train_loader, val_loader, ckpt_path=resume, weights_only=True)  # never unpickle objects
+    metrics = dict(summarize(trainer), epochs=trainer.current_epoch, seconds=round(module.fit_seconds, 1))
+    if trainer.is_global_zero:
+        folder = out / 'model'
+        metrics.update(export(folder) or {})
+        artifact.record_training(folder, recipe, metrics)
+        write_metrics(out, metrics)
+    return metrics

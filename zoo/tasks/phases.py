@@ -8,7 +8,8 @@ trains in `OUTPUT/phase{i}` and, from the second phase on, its `model.checkpoint
 from pathlib import Path
 from typing import Callable, Dict, List
 
-from zoo.recipes import Recipe, deep_merge, recipe_from_dict, recipe_to_dict
+from zoo.recipes import Recipe, deep_merge, recipe_to_dict
+from zoo.tasks import validate_recipe
 from zoo.tasks.engine import write_metrics
 
 __all__ = ['phase_recipes', 'train_phases']
@@ -20,7 +21,7 @@ def phase_recipes(recipe: Recipe) -> List[Recipe]:
         raise ValueError(f'{recipe.path}: the recipe has no `phases`')
     base = recipe_to_dict(recipe)
     base.pop('phases')
-    return [recipe_from_dict(deep_merge(base, phase), f'{recipe.path} (phase {i})')
+    return [validate_recipe(deep_merge(base, phase), f'{recipe.path} (phase {i})')
             for i, phase in enumerate(recipe.phases, start=1)]
 
 

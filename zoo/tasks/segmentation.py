@@ -9,12 +9,13 @@ Recipe keys used: `model` (name, constructor kwargs, `checkpoint` = classificati
 `data` (`name`: shapes | ade20k | maskfolder, `root`, `img_size` = crop size, `num_classes`, `ignore_index`),
 `optim`, `schedule` (per-step, e.g. `sched: poly`), `aug.hflip`, `aug.scale` (random rescale ratio range).
 """
+import argparse
+import dataclasses
 import inspect
 import math
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
-import pytorch_lightning as pl
 import segmentation_models_pytorch as smp
 import timm
 import torch
@@ -22,15 +23,19 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
-import zoo  # noqa: F401  (registers the zoo's models)
 from zoo.data.segmentation import MaskFolder, SegTransform, ShapesSegmentation, ade20k_folders
 from zoo.manifest import verify_listed_checkpoint
-from zoo.recipes import Recipe
-from zoo.tasks.engine import (backbone_no_weight_decay, build_trainer, check_finite_loss, create_optimizer,
-                              create_scheduler, prepare_run_dir, resume_checkpoint, ScheduledModule, write_metrics)
+from zoo.recipes import Recipe, RecipeError, recipe_to_dict
+from zoo.tasks.artifact import CONFIG_FILE, WEIGHTS_FILE, load_weights, read_config, save_weights, write_config
+from zoo.tasks.engine import Monitor, TaskModule, backbone_no_weight_decay, fit, start_run
+from zoo.tasks.protocol import Task
 
 __all__ = ['ARCHITECTURES', 'Segmenter', 'build_segmenter', 'decoder_arguments', 'check_batch', 'confusion_matrix',
-           'segmentation_metrics', 'build_datasets', 'SegmentationModule', 'train', 'evaluate']
+           'segmentation_metrics', 'build_datasets', 'SegmentationModule', 'train', 'evaluate', 'save_segmenter',
+           'load_segmenter', 'TASK']
+# the weights file of segmentation runs written before the task artifact format (a torch state dict; the run's
+# recipe.yaml, one folder up, describes the model)
+LEGACY_WEIGHTS = 'segmenter.pt'
 
 ARCHITECTURES = {'upernet': smp.UPerNet, 'fpn': smp.FPN}
 # get_encoder() and TimmUniversalEncoder take these names themselves, so a backbone argument with one of them
@@ -171,33 +176,34 @@ def _mean_std(recipe: Recipe) -> Tuple[Tuple[float, ...], Tuple[float, ...]]:
     return tuple(mean), tuple(std)
 
 
-def build_datasets(recipe: Recipe) -> Tuple[Dataset, Dataset, int]:
-    """(train, val, num_classes) for `data.name`: 'shapes' (built in, background = class 0), 'ade20k'
+def build_datasets(recipe: Recipe, splits: Sequence[str] = ('train', 'val')) -> Tuple:
+    """(*one dataset per split, num_classes) for `data.name`: 'shapes' (built in, background = class 0), 'ade20k'
     (root/images|annotations/training|validation, label 0 ignored) or 'maskfolder' (root/train|val/images|masks,
     e.g. written by zoo.data.shapes.export_segmentation)."""
     d, a = recipe.data, recipe.aug
     mean, std = _mean_std(recipe)
     common = dict(crop_size=d.img_size, mean=mean, std=std, ignore_index=d.ignore_index)
-    train_tf = SegTransform(train=True, ratio_range=tuple(a.scale), hflip=a.hflip, **common)
-    val_tf = SegTransform(train=False, **common)
+    transforms = {'train': SegTransform(train=True, ratio_range=tuple(a.scale), hflip=a.hflip, **common),
+                  'val': SegTransform(train=False, **common)}
     if d.name == 'shapes':
         classes = d.num_classes or 10
         kw = dict(img_size=d.img_size, num_classes=classes, seed=d.seed)
-        return (ShapesSegmentation(d.train_size, split='train', transform=train_tf, **kw),
-                ShapesSegmentation(d.val_size, split='val', transform=val_tf, **kw), classes + 1)
+        sizes = {'train': d.train_size, 'val': d.val_size}
+        return (*(ShapesSegmentation(sizes[split], split=split, transform=transforms[split], **kw)
+                  for split in splits), classes + 1)
     if d.name not in ('ade20k', 'maskfolder'):
         raise ValueError(f"data.name must be 'shapes', 'ade20k' or 'maskfolder' for segmentation, got {d.name!r}")
     if not d.root or not d.num_classes:
         raise ValueError(f'data.root and data.num_classes are required for data.name={d.name}')
-    if d.name == 'ade20k':
-        folders = {split: ade20k_folders(d.root, split) for split in ('train', 'val')}
-    else:
-        folders = {split: (Path(d.root) / split / 'images', Path(d.root) / split / 'masks')
-                   for split in ('train', 'val')}
     reduce = d.name == 'ade20k'
-    return (MaskFolder(*folders['train'], transform=train_tf, reduce_zero_label=reduce, ignore_index=d.ignore_index),
-            MaskFolder(*folders['val'], transform=val_tf, reduce_zero_label=reduce, ignore_index=d.ignore_index),
-            d.num_classes)
+
+    def folders(split: str):
+        if reduce:
+            return ade20k_folders(d.root, split)
+        return Path(d.root) / split / 'images', Path(d.root) / split / 'masks'
+
+    return (*(MaskFolder(*folders(split), transform=transforms[split], reduce_zero_label=reduce,
+                         ignore_index=d.ignore_index) for split in splits), d.num_classes)
 
 
 def _segmenter_from_recipe(recipe: Recipe, num_classes: int) -> Segmenter:
@@ -223,40 +229,28 @@ def check_batch(images: torch.Tensor, in_chans: int = 3, multiple: int = 32) -> 
                          f'got {images.shape[2]}x{images.shape[3]}')
 
 
-class SegmentationModule(ScheduledModule):
+class SegmentationModule(TaskModule):
     """An smp segmenter trained with pixel cross-entropy (ignore_index) and a per-step timm schedule."""
 
     def __init__(self, recipe: Recipe, num_classes: int, updates_per_epoch: int, run_dir: Optional[Path] = None):
-        super().__init__()
-        self.recipe = recipe
-        self.run_dir = run_dir
+        super().__init__(recipe, updates_per_epoch, run_dir)
         self.num_classes = num_classes
-        self.updates_per_epoch = updates_per_epoch
         self.model = _segmenter_from_recipe(recipe, num_classes)
-        self.fit_seconds = 0.0
         self._confusion = torch.zeros(num_classes, num_classes, dtype=torch.int64)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) -> logits (B, num_classes, H, W)."""
         return self.model(images)
 
-    def configure_optimizers(self):
-        world_size = self.trainer.world_size if self._trainer is not None else 1
-        optimizer = create_optimizer(self.model, self.recipe, world_size)
-        self.scheduler = create_scheduler(optimizer, self.recipe, self.updates_per_epoch)
-        return optimizer
+    def parameter_groups(self):
+        return self.model  # timm exempts 1-d tensors and the segmenter's no_weight_decay() names
 
     def training_step(self, batch, batch_idx):
         images, masks = batch
+        self.check_batch_finite(images, batch_idx)
         loss = F.cross_entropy(self(images), masks, ignore_index=self.recipe.data.ignore_index)
-        check_finite_loss(loss.detach(), self.global_step, self.current_epoch, self.run_dir)
-        self.log('train_loss', loss, prog_bar=True, on_step=True, on_epoch=True)
-        self.log('lr', self.trainer.optimizers[0].param_groups[0]['lr'], on_step=True, on_epoch=False)
+        self.log_training_loss(loss, batch_idx, images.shape[0])
         return loss
-
-    def on_train_batch_end(self, outputs, batch, batch_idx):
-        if self.scheduler is not None:
-            self.scheduler.step_update(self.global_step)
 
     def on_validation_epoch_start(self):
         self._confusion = torch.zeros(self.num_classes, self.num_classes, dtype=torch.int64, device=self.device)
@@ -268,7 +262,8 @@ class SegmentationModule(ScheduledModule):
 
     def on_validation_epoch_end(self):
         confusion = self.trainer.strategy.reduce(self._confusion, reduce_op='sum')
-        self.log_dict({f'val_{k}': v for k, v in segmentation_metrics(confusion).items()}, prog_bar=True)
+        self.log_dict({f'val_{k}': v for k, v in segmentation_metrics(confusion).items()}, prog_bar=True,
+                      batch_size=1)
 
 
 def _loader(dataset: Dataset, recipe: Recipe, train: bool) -> DataLoader:
@@ -278,43 +273,95 @@ def _loader(dataset: Dataset, recipe: Recipe, train: bool) -> DataLoader:
                       pin_memory=torch.cuda.is_available())
 
 
+def save_segmenter(segmenter: Segmenter, folder: Path, recipe: Recipe, num_classes: int) -> Path:
+    """The task artifact: folder/model.safetensors + folder/config.json holding the resolved recipe (model, head and
+    data settings) and the class count, everything load_segmenter needs."""
+    save_weights(folder, segmenter.state_dict())
+    write_config(folder, {'recipe': recipe_to_dict(recipe), 'num_classes': num_classes})
+    return folder
+
+
+def _recipe_of_config(folder: Path, config: Dict) -> Recipe:
+    from zoo.tasks import validate_recipe
+    if not isinstance(config.get('recipe'), dict) or not isinstance(config.get('num_classes'), int):
+        raise ValueError(f'{folder / CONFIG_FILE} is not a segmenter config (it needs `recipe` and `num_classes`)')
+    return validate_recipe(config['recipe'], str(folder / CONFIG_FILE), check_model=False)
+
+
+def _legacy_recipe(weights: Path, recipe_path: Optional[str]) -> Recipe:
+    """The recipe of a segmenter.pt or Lightning .ckpt: --recipe, else the run folder's recipe.yaml."""
+    from zoo.tasks import load_recipe
+    path = Path(recipe_path) if recipe_path else weights.resolve().parents[1] / 'recipe.yaml'
+    if not path.is_file():
+        raise ValueError(f'no recipe at {path}: pass --recipe (the recipe.yaml of the run that wrote {weights})')
+    return load_recipe(path)
+
+
+def _legacy_state(weights: Path) -> Dict[str, torch.Tensor]:
+    """The segmenter weights of a segmenter.pt or of a Lightning checkpoint of the run (tensors only)."""
+    try:
+        state = torch.load(str(weights), map_location='cpu', weights_only=True)
+    except Exception as err:  # torch raises RuntimeError, EOFError, pickle and zip errors for damaged files
+        raise ValueError(f'{weights}: not a readable checkpoint ({type(err).__name__}: {err})') from None
+    if isinstance(state, dict) and 'state_dict' in state:  # Lightning checkpoint: the segmenter is `model.`
+        state = {k[len('model.'):]: v for k, v in state['state_dict'].items() if k.startswith('model.')}
+    return state
+
+
+def load_segmenter(checkpoint: str, recipe_path: Optional[str] = None) -> Tuple[Segmenter, Recipe, int]:
+    """(segmenter in eval mode, its recipe, class count) from a model folder written by `zoo train`, or from a
+    segmenter.pt / Lightning .ckpt of a run (their recipe: `recipe_path`, else the run folder's recipe.yaml)."""
+    path = Path(checkpoint)
+    if not path.exists():
+        raise FileNotFoundError(f'segmenter checkpoint not found: {path}')
+    if path.is_dir() and (path / LEGACY_WEIGHTS).is_file() and not (path / CONFIG_FILE).is_file():
+        path = path / LEGACY_WEIGHTS
+    if path.is_dir():
+        config = read_config(path)
+        recipe = _recipe_of_config(path, config)
+        num_classes, state = config['num_classes'], load_weights(path / WEIGHTS_FILE)
+    else:
+        recipe = _legacy_recipe(path, recipe_path)
+        num_classes, state = build_datasets(recipe, splits=('val',))[-1], _legacy_state(path)
+    model = _segmenter_from_recipe(dataclasses.replace(recipe, model=dataclasses.replace(
+        recipe.model, checkpoint=None, pretrained=False)), num_classes)
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as err:
+        raise ValueError(f'{checkpoint}: the weights do not fit the {recipe.model.name} segmenter: {err}') from None
+    return model.eval(), recipe, num_classes
+
+
 def train(recipe: Recipe, output: str, resume: Optional[str] = None) -> Dict[str, float]:
     """Train the recipe's segmenter; writes the run folder (zoo.tasks.engine) and returns the final metrics.
 
-    The final weights go to OUTPUT/model/segmenter.pt (a plain state dict, load with weights_only=True).
+    The final weights go to OUTPUT/model (save_segmenter).
     """
-    if recipe.phases:
-        raise ValueError('segmentation recipes do not support `phases`')
-    out = prepare_run_dir(recipe, output)
-    pl.seed_everything(recipe.trainer.seed, workers=True, verbose=False)
+    out = start_run(recipe, output)
     train_set, val_set, num_classes = build_datasets(recipe)
     train_loader, val_loader = _loader(train_set, recipe, True), _loader(val_set, recipe, False)
     updates = max(1, math.ceil(len(train_loader) / recipe.trainer.accumulate))
     module = SegmentationModule(recipe, num_classes, updates, run_dir=out)
-    trainer = build_trainer(recipe, out, monitor='val_mIoU')
-    resume = resume_checkpoint(resume, out)
-    trainer.fit(module, train_loader, val_loader, ckpt_path=resume, weights_only=True)
-    final = trainer.validate(module, val_loader, verbose=False)[0]
-    metrics = {'val_mIoU': final['val_mIoU'], 'val_mAcc': final['val_mAcc'], 'val_aAcc': final['val_aAcc'],
-               'num_classes': num_classes, 'epochs': trainer.current_epoch, 'seconds': round(module.fit_seconds, 1)}
-    if trainer.is_global_zero:
-        (out / 'model').mkdir(exist_ok=True)
-        torch.save(module.model.state_dict(), out / 'model' / 'segmenter.pt')
-        write_metrics(out, metrics)
-    return metrics
+
+    def summarize(trainer) -> Dict:
+        final = trainer.validate(module, val_loader, verbose=False)[0]
+        return {'val_mIoU': final['val_mIoU'], 'val_mAcc': final['val_mAcc'], 'val_aAcc': final['val_aAcc'],
+                'num_classes': num_classes}
+
+    def export(folder: Path) -> None:
+        save_segmenter(module.model, folder, recipe, num_classes)
+
+    return fit(module, recipe, out, train_loader, val_loader, Monitor('val_mIoU', 'max'), resume, export, summarize)
 
 
-def evaluate(recipe: Recipe, checkpoint: str, batch_size: Optional[int] = None,
-             workers: int = 0) -> Dict[str, float]:
-    """mIoU / mAcc / aAcc (%) of the recipe's segmenter with weights `checkpoint` (segmenter.pt or a Lightning
-    .ckpt of a run) on the recipe's validation split."""
-    _, val_set, num_classes = build_datasets(recipe)
-    model = _segmenter_from_recipe(recipe, num_classes)
-    state = torch.load(checkpoint, map_location='cpu', weights_only=True)
-    if 'state_dict' in state:  # Lightning checkpoint: the module holds the segmenter as `model.`
-        state = {k[len('model.'):]: v for k, v in state['state_dict'].items() if k.startswith('model.')}
-    model.load_state_dict(state)
-    model.eval()
+def evaluate(checkpoint: str, data_root: Optional[str] = None, batch_size: Optional[int] = None, workers: int = 0,
+             recipe_path: Optional[str] = None) -> Dict[str, float]:
+    """mIoU / mAcc / aAcc (%) of a trained segmenter (load_segmenter) on the validation split of the data it was
+    trained on, or of that dataset type under `data_root`."""
+    model, recipe, num_classes = load_segmenter(checkpoint, recipe_path)
+    if data_root:
+        recipe = dataclasses.replace(recipe, data=dataclasses.replace(recipe.data, root=data_root))
+    val_set = build_datasets(recipe, splits=('val',))[0]
     loader = DataLoader(val_set, batch_size=batch_size or recipe.data.eval_batch_size or recipe.data.batch_size,
                         num_workers=workers)
     confusion = torch.zeros(num_classes, num_classes, dtype=torch.int64)
@@ -322,3 +369,35 @@ def evaluate(recipe: Recipe, checkpoint: str, batch_size: Optional[int] = None,
         for images, masks in loader:
             confusion += confusion_matrix(model(images).argmax(1), masks, num_classes, recipe.data.ignore_index)
     return dict(segmentation_metrics(confusion), images=len(val_set))
+
+
+def _check_recipe(recipe: Recipe) -> None:
+    head = dict(recipe.head)
+    arch = head.pop('arch', 'upernet')
+    head.pop('output_stride', None)
+    if arch not in ARCHITECTURES:
+        raise RecipeError(f'{recipe.path}: head.arch must be one of {", ".join(ARCHITECTURES)}, got {arch!r}')
+    unknown = sorted(set(head) - set(decoder_arguments(arch)))
+    if unknown:
+        raise RecipeError(f'{recipe.path}: unknown {arch} head key(s) {unknown}; allowed: '
+                          f'{", ".join(["arch", "output_stride", *decoder_arguments(arch)])}')
+
+
+def _evaluate_command(args: argparse.Namespace) -> Dict:
+    """`zoo eval` for segmentation: a model folder (RUN/model), or a segmenter.pt / Lightning .ckpt of a run."""
+    if not args.checkpoint:
+        raise ValueError('--task segmentation needs --checkpoint RUN/model (or a .ckpt of the run)')
+    return evaluate(args.checkpoint, args.data, args.batch_size, args.workers, args.recipe)
+
+
+def _add_eval_arguments(group: argparse._ArgumentGroup) -> None:
+    group.add_argument('--recipe', default=None,
+                       help="the run's recipe.yaml, for a segmenter.pt or .ckpt (default: the run folder's)")
+
+
+def _is_legacy_segmenter_folder(folder: Path) -> bool:
+    return (folder / LEGACY_WEIGHTS).is_file()
+
+
+TASK = Task(name='segmentation', train=train, evaluate=_evaluate_command, add_eval_arguments=_add_eval_arguments,
+            check_recipe=_check_recipe, recognizes=_is_legacy_segmenter_folder)
