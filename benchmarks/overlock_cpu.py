@@ -47,6 +47,8 @@ def _measure(model_name: str, form: str, size: int, mode: str, repeats: int, thr
     model = timm.create_model(model_name)
     if form == 'reparam':
         model.eval().reparam()
+    if mode != 'forward' and hasattr(model, 'set_aux_head_trainable'):
+        model.set_aux_head_trainable(True)  # the official training step trains the auxiliary head too
     x = torch.randn(1, 3, size, size)
 
     def step():

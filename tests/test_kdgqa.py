@@ -88,10 +88,27 @@ def test_gqa_with_as_many_kv_heads_as_heads_is_timm_mha():
 
 
 def test_timm_checkpoint_of_another_grid_is_resampled():
-    folder, case, _ = _case('gqa_e96_kv3')
-    model = timm.create_model('vit_small_patch16_224_kdgqa', pretrained=True, embed_dim=96, depth=2, num_heads=6,
-                              img_size=160, pretrained_cfg_overlay=dict(file=str(folder / case['files']['mha_source'])))
-    assert model.pos_embed.shape == (1, 1 + 10 * 10, 96)
+    """A 224 (14x14 grid) checkpoint into a 160 model: the patch part of the position embedding is resampled
+    bicubically (antialiased, timm's convention), the cls entry kept, and the model then gives timm's own ViT's
+    logits (kv heads = heads, so GQA is MHA) at 160."""
+    folder, case, io = _case('gqa_e96_kv3')
+    source = load_file(str(folder / case['files']['mha_source']))
+    overlay = dict(file=str(folder / case['files']['mha_source']), num_classes=10)
+    model = timm.create_model('vit_small_patch16_224_gqa', pretrained=True, embed_dim=96, depth=2, num_heads=6,
+                              num_kv_heads=6, img_size=160, num_classes=10, pretrained_cfg_overlay=overlay)
+    pos = source['pos_embed']
+    grid = pos[:, 1:].reshape(1, 14, 14, 96).permute(0, 3, 1, 2)
+    grid = F.interpolate(grid, size=(10, 10), mode='bicubic', align_corners=False, antialias=True)
+    expected = torch.cat([pos[:, :1], grid.permute(0, 2, 3, 1).reshape(1, 100, 96)], dim=1)
+    torch.testing.assert_close(model.pos_embed.detach(), expected, rtol=0, atol=1e-6 * expected.abs().max().item())
+    reference = timm.create_model('vit_small_patch16_224', embed_dim=96, depth=2, num_heads=6, num_classes=10,
+                                  img_size=160).eval()
+    reference.load_state_dict({**source, 'pos_embed': expected})
+    x = F.interpolate(io['input'], size=(160, 160), mode='bilinear', align_corners=False)
+    with torch.no_grad():
+        expected_logits = reference(x)
+        torch.testing.assert_close(model.eval()(x), expected_logits, rtol=0,
+                                   atol=1e-5 * expected_logits.abs().max().item())
 
 
 def test_timm_in1k_head_is_replaced_for_the_10_class_default():
@@ -201,11 +218,19 @@ def test_kdgqa_default_mode_without_floor_is_the_official_rule_per_sample():
 
 
 def test_dgqa_official_eval_is_stateful_and_overwrites_the_cache():
-    model, io, _ = _fixture_model('dgqa_ema_e96_kv3_b2')
-    with torch.no_grad():
-        model(io['input'])
-    for i, block in enumerate(model.blocks):
-        torch.testing.assert_close(block.attn.cache, io[f'cache_after.{i}'], rtol=1e-6, atol=1e-5)
+    """Official DGQA eval allocates from this batch's key norms and the cache, then stores those norms in the cache:
+    a second call on the same input allocates, and answers, as the official second call did (the fixture stores
+    the cache after the first call only)."""
+    model, io, case = _fixture_model('dgqa_ema_e96_kv3_b2')
+    for suffix in ('', '_call2'):
+        torch.manual_seed(case['rng_seed_before_forward'])
+        with torch.no_grad():
+            logits = model(io['input'])
+        torch.testing.assert_close(logits, io[f'logits{suffix}'], rtol=0, atol=case['atol'], msg=f'logits{suffix}')
+        for i, block in enumerate(model.blocks):
+            assert block.attn.last_allocation.flatten().tolist() == io[f'q_alloc{suffix}.{i}'].tolist(), (suffix, i)
+            if not suffix:
+                torch.testing.assert_close(block.attn.cache, io[f'cache_after.{i}'], rtol=1e-6, atol=1e-5)
 
 
 def test_dgqa_default_eval_is_frozen_deterministic_and_batch_independent():
@@ -239,6 +264,23 @@ def test_dgqa_training_updates_on_the_window_and_the_state_round_trips(scheme, t
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(reloaded.eval()(x), model.eval()(x), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize('scheme', ['dgqa_ema', 'dgqa_diff'])
+def test_dgqa_training_state_does_not_depend_on_grad_checkpointing(scheme):
+    states = []
+    for checkpointing in (False, True):
+        torch.manual_seed(0)
+        model = timm.create_model(f'vit_small_patch16_224_{scheme}', window_size=2, **TINY).train()
+        model.set_grad_checkpointing(checkpointing)
+        for _ in range(3):
+            model(torch.randn(2, 3, 32, 32)).sum().backward()
+        attn = model.blocks[0].attn
+        states.append((attn.training_step, attn.cache.clone(), attn.splits.clone()))
+    (steps, cache, splits), (steps_ckpt, cache_ckpt, splits_ckpt) = states
+    assert steps_ckpt == steps == 3
+    torch.testing.assert_close(cache_ckpt, cache)
+    assert torch.equal(splits_ckpt, splits)
 
 
 def test_pgqa_default_mode_adds_noise_only_in_training_from_torch_rng():

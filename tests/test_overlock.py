@@ -5,6 +5,7 @@ import json
 import pytest
 import timm
 import torch
+import torch.nn.functional as F
 from safetensors.torch import load_file
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -59,6 +60,31 @@ def _brute_force_av(attn: torch.Tensor, value: torch.Tensor, kernel_size: int) -
     return out
 
 
+def _brute_force_aggregate(value: torch.Tensor, small: torch.Tensor, large: torch.Tensor) -> torch.Tensor:
+    """ContMix aggregation written out: value (B, C, H, W) read as (2, G, c) channels, the first half aggregated
+    with the small kernels (B, G, H, W, s*s), the second with the large ones (B, G, H, W, k*k)."""
+    batch, channels, height, width = value.shape
+    groups = small.shape[1]
+    halves = value.view(batch, 2, groups, channels // (2 * groups), height, width).permute(1, 0, 2, 4, 5, 3)
+    out_small = _brute_force_av(small, halves[0], int(small.shape[-1] ** 0.5))
+    out_large = _brute_force_av(large, halves[1], int(large.shape[-1] ** 0.5))
+    return torch.stack((out_small, out_large), 1).permute(0, 1, 2, 5, 3, 4).reshape(value.shape)
+
+
+def _brute_force_rpb(rpb: torch.Tensor, height: int, width: int, kernel_size: int) -> torch.Tensor:
+    """(G, 2k-1, 2k-1) table -> (G, H, W, k*k): the bias of each clamped window slot, by its key - query offset."""
+    rows, cols = _clamped_starts(height, kernel_size), _clamped_starts(width, kernel_size)
+    bias = rpb.new_zeros(rpb.shape[0], height, width, kernel_size ** 2)
+    for i in range(height):
+        for j in range(width):
+            for a in range(kernel_size):
+                for c in range(kernel_size):
+                    offset_row, offset_col = rows[i] + a - i, cols[j] + c - j
+                    bias[:, i, j, a * kernel_size + c] = rpb[:, offset_row + kernel_size - 1,
+                                                             offset_col + kernel_size - 1]
+    return bias
+
+
 def test_contmix_aggregate_matches_brute_force():
     """Channels (2, G, c): first half with the small kernels, second half with the large ones, clamped windows."""
     torch.manual_seed(0)
@@ -67,11 +93,7 @@ def test_contmix_aggregate_matches_brute_force():
     small = torch.randn(batch, groups, height, width, 9, dtype=torch.float64).softmax(-1)
     large = torch.randn(batch, groups, height, width, 49, dtype=torch.float64).softmax(-1)
     out = contmix_aggregate(value, small, large, backend='torch')
-    halves = value.view(batch, 2, groups, c, height, width).permute(1, 0, 2, 4, 5, 3)
-    expected_small = _brute_force_av(small, halves[0], 3)
-    expected_large = _brute_force_av(large, halves[1], 7)
-    expected = torch.stack((expected_small, expected_large), 1).permute(0, 1, 2, 5, 3, 4).reshape(value.shape)
-    torch.testing.assert_close(out, expected)
+    torch.testing.assert_close(out, _brute_force_aggregate(value, small, large))
 
 
 def test_na2d_rpb_matches_brute_force():
@@ -98,12 +120,43 @@ def test_contmix_resizes_short_side_to_kernel(height, width, expected):
     assert mixer._work_size(height, width) == expected
 
 
-def test_contmix_small_map_keeps_shape_and_uses_resized_windows():
+def _contmix_reference(mixer: ContMix, feats: torch.Tensor) -> torch.Tensor:
+    """ContMix on a map whose short side is below k, written from the official description: value and input are
+    bilinearly resized so the short side is k (long side int(k / short * long)), the dynamic kernels (query-centre
+    affinities -> weight_proj -> + relative bias -> softmax) aggregate clamped windows at that size, the result is
+    average-pooled back; gate and lepe stay at the input size. Submodules serve as the convolutions only."""
+    height, width = feats.shape[-2:]
+    k, s, groups = mixer.kernel_size, mixer.smk_size, mixer.groups
+    short, long = sorted((height, width))
+    work = (k, int(k / short * long)) if height <= width else (int(k / short * long), k)
+    value = mixer.fusion(feats)
+    gate, lepe = mixer.gate(value), mixer.lepe(value)
+    value = F.interpolate(value, size=work, mode='bilinear', align_corners=False)
+    feats = F.interpolate(feats, size=work, mode='bilinear', align_corners=False)
+    batch = feats.shape[0]
+    query = mixer.weight_query(feats[:, :mixer.dim]) * (mixer.dim / groups) ** -0.5
+    centres = mixer.weight_key(feats[:, mixer.dim:])  # (B, C/2, 7, 7)
+    affinity = torch.einsum('bgci,bgcj->bgij', query.reshape(batch, groups, -1, work[0] * work[1]),
+                            centres.reshape(batch, groups, -1, 49))
+    logits = mixer.weight_proj(affinity.reshape(batch * groups, work[0], work[1], 49).permute(0, 3, 1, 2))
+    logits = logits.permute(0, 2, 3, 1).reshape(batch, groups, *work, s * s + k * k)
+    small = (logits[..., :s * s] + _brute_force_rpb(mixer.rpb1, *work, s)).softmax(-1)
+    large = (logits[..., s * s:] + _brute_force_rpb(mixer.rpb2, *work, k)).softmax(-1)
+    out = F.adaptive_avg_pool2d(_brute_force_aggregate(value, small, large), (height, width))
+    return mixer.proj(gate * mixer.se_layer(mixer.dyconv_proj(out) + lepe))
+
+
+@pytest.mark.parametrize('height,width', [(3, 5), (6, 2)])
+def test_contmix_small_map_uses_resized_windows(height, width):
+    """The map is smaller than the kernel: the official resize-to-k path, checked value by value (float64)."""
     torch.manual_seed(0)
-    mixer = _randomise_norms(ContMix(16, 8, kernel_size=7, num_heads=2)).eval()
+    mixer = _randomise_norms(ContMix(16, 8, kernel_size=7, num_heads=2)).double().eval()
+    feats = torch.randn(2, 24, height, width, dtype=torch.float64)
+    assert mixer._work_size(height, width) is not None
     with torch.no_grad():
-        out = mixer(torch.randn(2, 24, 3, 5))
-    assert out.shape == (2, 24, 3, 5) and torch.isfinite(out).all()
+        out, expected = mixer(feats), _contmix_reference(mixer, feats)
+    assert out.shape == feats.shape
+    torch.testing.assert_close(out, expected, rtol=1e-9, atol=1e-9 * expected.abs().max().item())
 
 
 @pytest.mark.parametrize('kernel_size', [17, 13, 7, 5])
@@ -215,8 +268,28 @@ def test_fixture_through_deploy_build_from_train_file():
         torch.testing.assert_close(model(io['input']), io['logits'], rtol=0, atol=case['atol'])
 
 
+def test_aux_head_is_frozen_until_asked_for():
+    """The auxiliary head loads with the checkpoint but trains only after set_aux_head_trainable(True), also across
+    reset_classifier; without it forward_with_aux still trains the backbone through the auxiliary loss."""
+    model = _tiny().train()
+    aux = [n for n, _ in model.named_parameters() if n.startswith('aux_head.')]
+    assert len(aux) == 4 and not any(p.requires_grad for p in model.aux_head.parameters())
+    logits, aux_logits = model.forward_with_aux(torch.randn(2, 3, 48, 32))
+    aux_logits.logsumexp(-1).sum().backward()
+    assert all(p.grad is None for p in model.aux_head.parameters())
+    assert all(p.grad is not None for p in model.blocks4.parameters())
+    model.reset_classifier(5)
+    assert not any(p.requires_grad for p in model.aux_head.parameters())
+    model.set_aux_head_trainable(True)
+    model.reset_classifier(3)
+    assert all(p.requires_grad for p in model.aux_head.parameters())
+    with pytest.raises(ValueError, match='use_ds=False'):
+        timm.create_model('overlock_xt', use_ds=False, **TINY).set_aux_head_trainable(True)
+
+
 def test_forward_with_aux_trains_every_parameter():
     model = _tiny().train()
+    model.set_aux_head_trainable(True)
     model.set_grad_checkpointing(True)
     logits, aux = model.forward_with_aux(torch.randn(2, 3, 48, 32))
     assert logits.shape == aux.shape == (2, 7)
@@ -237,7 +310,7 @@ def test_any_input_size(size):
 
 @pytest.mark.parametrize('bad,match', [(torch.randn(3, 32, 32), r'\(B, 3, H, W\)'),
                                        (torch.randn(1, 4, 32, 32), 'input channels'),
-                                       (torch.zeros(1, 3, 32, 32, dtype=torch.int64), 'floating point')])
+                                       (torch.zeros(1, 3, 32, 32, dtype=torch.int64), 'floating-point')])
 def test_bad_input_is_a_clear_error(bad, match):
     with pytest.raises(ValueError, match=match):
         _tiny()(bad)

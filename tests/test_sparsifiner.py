@@ -15,7 +15,7 @@ from zoo.bench import count_macs
 from zoo.layers.sparse_attn import (ConnectivityPredictor, attention_budget, connectivity_mask, connectivity_topk,
                                     masked_attention, topk_sparse_attention)
 from zoo.models.sparsifiner import resolve_attn_impl
-from zoo.recipes import load_recipe
+from zoo.tasks import load_recipe
 from zoo.tasks import classification
 from zoo.tasks.distill import (AttentionRecorder, DistillConfig, DistillLoss, kl_to_teacher, patch_token_mse,
                                set_trainable)
@@ -113,7 +113,9 @@ def test_official_masks_predictor_outputs_and_token_masks(monkeypatch, name, att
     torch.testing.assert_close(logits, io['logits'], rtol=0, atol=case['atol'])
     approx, coef = token_masks['p0']
     torch.testing.assert_close(coef, io['basis_coef.0'], rtol=0, atol=1e-5)
-    torch.testing.assert_close(approx, io['approx_attn.0'], rtol=0, atol=1e-5)
+    # unnormalised approximations up to ~100: fp32 rounding of the official run scales with them
+    expected_approx = io['approx_attn.0']
+    torch.testing.assert_close(approx, expected_approx, rtol=0, atol=1e-5 * expected_approx.abs().max().item())
     for i, index in enumerate(indices):
         mask = connectivity_mask(index, 197)
         rows = torch.ones(mask.shape[0], 197, dtype=torch.bool)
@@ -203,6 +205,28 @@ def test_phase1_trains_only_the_predictors():
         set_trainable(model, ['blocks.*.attn.predictor.*'])
 
 
+def test_predictors_train_only_while_fitted_to_the_teacher():
+    """The task loss never reaches the predictors (detached mask), so they are frozen by default and a plain step
+    leaves no trainable parameter without gradient; attention reconstruction (phase 1) unfreezes them, and a
+    distillation without it keeps them frozen even when no trainable / frozen pattern is given."""
+    torch.manual_seed(0)
+    model = timm.create_model('sparsifiner_deit_small', **TINY).train()
+    predictors = set(model.predictor_parameter_names())
+    params = dict(model.named_parameters())
+    assert len(predictors) == 12 and not any(params[n].requires_grad for n in predictors)
+    model.set_attention_reconstruction(True)
+    assert all(params[n].requires_grad for n in predictors)
+    teacher = timm.create_model('deit_small_patch16_224', embed_dim=32, depth=2, num_heads=2, num_classes=5)
+    distill = DistillLoss(DistillConfig(teacher='deit_small_patch16_224'), torch.nn.CrossEntropyLoss(),
+                          teacher=teacher).train()
+    names = distill.prepare_student(model)
+    assert set(names) == set(params) - predictors
+    loss, parts = distill(model, torch.randn(2, 3, 224, 224), torch.tensor([0, 1]))
+    assert set(parts) == {'cls', 'kl', 'token'}
+    loss.backward()
+    assert {n for n, p in params.items() if p.grad is not None} == set(names)
+
+
 @pytest.mark.parametrize('path', sorted((REPO / 'recipes' / 'classification' / 'sparsifiner').glob('*.yaml')),
                          ids=lambda p: p.name)
 def test_phase_recipes_validate(path):
@@ -250,7 +274,7 @@ def test_sparse_execution_has_fewer_attention_macs():
 
 @pytest.mark.parametrize('shape,dtype,message', [
     ((1, 3, 192, 192), torch.float32, r'needs 224x224 inputs.*197 tokens.*got 192x192'),
-    ((1, 1, 224, 224), torch.float32, r'expected 3 input channels, got 1'),
+    ((1, 1, 224, 224), torch.float32, r'built for 3 input channels, got 1'),
     ((1, 3, 224, 224), torch.uint8, r'floating-point'),
     ((3, 224, 224), torch.float32, r'\(B, 3, H, W\) image tensor'),
 ])

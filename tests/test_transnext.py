@@ -89,16 +89,23 @@ def test_no_weight_decay_names_the_official_parameters():
     assert not any('learnable_tokens' in n for n in names)  # decayed in the official recipe
 
 
-def test_autocast_bfloat16_stays_close_to_float32():
+# bfloat16 keeps 8 significant bits: one rounding moves a value by up to 2**-8 of its size
+BF16_UNIT_ROUNDOFF = 2 ** -8
+
+
+def test_autocast_bfloat16_stays_within_bfloat16_precision():
+    """bf16 autocast logits stay within a few bf16 roundings of the float64 logits, relative to their size (the
+    rounding errors of the layers add up to ~1.8 roundings on this model over seeds; 4 are allowed)."""
     torch.manual_seed(0)
     model = timm.create_model('transnext_micro', **TINY).eval()
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
-        ref = model(x)
         with torch.autocast('cpu', dtype=torch.bfloat16):
             out = model(x)
-    assert torch.isfinite(out).all()
-    torch.testing.assert_close(out.float(), ref, rtol=0.1, atol=0.1)
+        ref = model.double()(x.double())
+    assert out.dtype == torch.bfloat16
+    tolerance = 4 * BF16_UNIT_ROUNDOFF * ref.abs().max().item()
+    torch.testing.assert_close(out.double(), ref, rtol=0, atol=tolerance)
 
 
 # ---- operators against brute-force definitions (independent of the implementation's shifted views) ----

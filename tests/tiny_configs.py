@@ -1,13 +1,16 @@
 """Per-family test facts, gathered from tests/families/<family>.py (one file per zoo/models family).
 
 Each family file defines TINY (glob -> small constructor overrides that keep the model's structural choices),
-REPRESENTATIVES (models that also run the expensive checks), EXCEPTIONS ({(glob, check): reason} for checks the
-family cannot pass by design) and PARITY_FOLDERS (fixture folders it must reproduce).
+REPRESENTATIVES (models that also run the expensive checks), NO_GRADIENT ({parameter glob: reason} for parameters
+a plain training step legitimately leaves without gradient; they must be frozen, so DDP and optimizers skip them)
+and PARITY_FOLDERS (fixture folders it must reproduce).
 """
 import fnmatch
 import importlib
 from pathlib import Path
 from typing import Dict, List, Tuple
+
+import timm
 
 import zoo
 from zoo.models import FAMILY_MODULES
@@ -21,12 +24,11 @@ def _family_facts(module: str):
     return importlib.import_module(f'families.{module}')
 
 
-_FAMILIES = [_family_facts(module) for module in FAMILY_MODULES]
+_FAMILIES = {module: _family_facts(module) for module in FAMILY_MODULES}
 
-TINY: List[Tuple[str, Dict]] = [entry for family in _FAMILIES for entry in family.TINY]
-FAMILY_REPRESENTATIVES: List[str] = [name for family in _FAMILIES for name in family.REPRESENTATIVES]
-EXPECTED_EXCEPTIONS: Dict[Tuple[str, str], str] = {k: v for family in _FAMILIES for k, v in family.EXCEPTIONS.items()}
-PARITY_FOLDERS: List[str] = [folder for family in _FAMILIES for folder in family.PARITY_FOLDERS]
+TINY: List[Tuple[str, Dict]] = [entry for family in _FAMILIES.values() for entry in family.TINY]
+FAMILY_REPRESENTATIVES: List[str] = [name for family in _FAMILIES.values() for name in family.REPRESENTATIVES]
+PARITY_FOLDERS: List[str] = [folder for family in _FAMILIES.values() for folder in family.PARITY_FOLDERS]
 
 
 def tiny_kwargs(name: str) -> Dict:
@@ -36,12 +38,10 @@ def tiny_kwargs(name: str) -> Dict:
     raise KeyError(f'no tiny config for {name}: add one to its tests/families/<family>.py')
 
 
-def exception_for(name: str, check: str):
-    """The declared reason `name` cannot pass `check`, or None."""
-    for (pattern, declared_check), reason in EXPECTED_EXCEPTIONS.items():
-        if declared_check == check and fnmatch.fnmatch(name, pattern):
-            return reason
-    return None
+def no_gradient(name: str) -> Dict[str, str]:
+    """{parameter glob: reason} of the family that registers model `name` (its tests/families NO_GRADIENT)."""
+    family = next(m for m in FAMILY_MODULES if name in timm.list_models(module=m))
+    return dict(_FAMILIES[family].NO_GRADIENT)
 
 
 # codecs (zoo.models.list_codecs) have their own tests; the classifier contract covers the rest

@@ -9,7 +9,7 @@ TINY = [('halonet_paper_*', _TINY)]
 
 REPRESENTATIVES = ['halonet_paper_h5']
 
-EXCEPTIONS = {}
+NO_GRADIENT = {}
 
 # The halo fixtures are operator cases (zoo.layers.HaloAttention), not model cases: tests/test_halo.py runs them.
 PARITY_FOLDERS = []

@@ -8,8 +8,8 @@ TINY = [
 # Models that also run the expensive checks (torch.export): a static and a key-driven scheme.
 REPRESENTATIVES = ['vit_small_patch16_224_gqa', 'vit_small_patch16_224_kdgqa']
 
-# Checks this family cannot pass by design: {(model glob, check): reason}.
-EXCEPTIONS = {}
+# Parameters a plain training step legitimately leaves without gradient: {parameter glob: reason}.
+NO_GRADIENT = {}
 
 # Folders of ../shared/fixtures whose model cases and key manifests this family must reproduce.
 PARITY_FOLDERS = ['kdgqa']

@@ -19,8 +19,8 @@ TINY = [
 # Models that also run the expensive checks (torch.export).
 REPRESENTATIVES = ['nat_mini', 'dinat_s_tiny', 'dinat_isotropic_small', 'vitrpb_small']
 
-# Checks this family cannot pass by design: {(model glob, check): reason}.
-EXCEPTIONS = {}
+# Parameters a plain training step legitimately leaves without gradient: {parameter glob: reason}.
+NO_GRADIENT = {}
 
 # Folders of ../shared/fixtures whose model cases and key manifests this family must reproduce.
 PARITY_FOLDERS = ['nat', 'dinat']

@@ -15,12 +15,11 @@ TINY = [
 # Models that also run the expensive checks (torch.export).
 REPRESENTATIVES = ['sparsifiner_deit_small', 'sparsifiner_lvvit_small']
 
-# Checks this family cannot pass by design: {(model glob, check): reason}.
-EXCEPTIONS = {
-    ('sparsifiner_*', 'backward'): 'the connectivity mask is detached (official): the task loss gives the predictor '
-                                   'no gradient; it is trained only by the teacher-attention loss (phase 1)',
-    ('sparsifiner_*', 'features_backward'): 'as for backward: features give the detached connectivity predictor no '
-                                            'gradient (it learns from the teacher-attention loss only)',
+# Parameters a plain training step legitimately leaves without gradient: {parameter glob: reason}.
+NO_GRADIENT = {
+    'blocks.*.attn.mask_predictor.*': 'the connectivity mask is detached (official): only the teacher-attention loss '
+                                      'of phase 1 reaches the predictors, which are frozen unless attention '
+                                      'reconstruction is on',
 }
 
 # Folders of ../shared/fixtures whose model cases and key manifests this family must reproduce.

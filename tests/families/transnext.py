@@ -11,8 +11,8 @@ TINY = [
 # Models that also run the expensive checks (torch.export).
 REPRESENTATIVES = ['transnext_micro', 'transnext_micro_AAAA']
 
-# Checks this family cannot pass by design: {(model glob, check): reason}.
-EXCEPTIONS = {}
+# Parameters a plain training step legitimately leaves without gradient: {parameter glob: reason}.
+NO_GRADIENT = {}
 
 # Folders of ../shared/fixtures whose model cases and key manifests this family must reproduce.
 PARITY_FOLDERS = ['transnext']

@@ -13,7 +13,8 @@ from .convglu import ConvGLU, DepthwiseConv3x3
 from .dense_enhance import DenseBlock, EnhancementBlock
 from .grouped_query_attn import (
     GroupedQueryAttention, convert_mha_to_gqa, dgqa_allocation, dgqa_ratio, grouped_query_attention, kdgqa_allocation,
-    key_norms, kv_head_index, mean_pool_kv_heads, pgqa_perturb, repair_allocation, uniform_allocation,
+    key_norms, kv_head_index, mean_pool_kv_heads, pgqa_perturb, repair_allocation, replay_on_recompute,
+    uniform_allocation,
 )
 from .halo_attn import HaloAttention, RelPosEmbed2d, check_halo_shapes, halo_attention_2d, halo_relative_logits
 from .neighborhood import na2d_av, na2d_qk, na2d_rpb, neighborhood_attention_2d
@@ -43,7 +44,7 @@ __all__ = [
     # grouped-query attention
     'GroupedQueryAttention', 'grouped_query_attention', 'convert_mha_to_gqa', 'kdgqa_allocation', 'dgqa_allocation',
     'dgqa_ratio', 'key_norms', 'kv_head_index', 'mean_pool_kv_heads', 'pgqa_perturb', 'repair_allocation',
-    'uniform_allocation',
+    'uniform_allocation', 'replay_on_recompute',
     # Sparsifiner sparse attention
     'ConnectivityPredictor', 'connectivity_topk', 'connectivity_mask', 'masked_attention', 'topk_sparse_attention',
     'dense_attention', 'attention_budget',

@@ -26,7 +26,8 @@ overwrites, DGQA random repair, PGQA noise in eval from the CPU generator. ``mod
   model restores it) without reading or changing state: eval is deterministic and batch independent;
 * PGQA noise is added in training only, drawn with torch's generator on the output's device.
 """
-from typing import Dict, Optional
+import contextlib
+from typing import Dict, Iterator, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -34,7 +35,7 @@ import torch.nn.functional as F
 
 __all__ = ['GroupedQueryAttention', 'grouped_query_attention', 'kv_head_index', 'key_norms', 'kdgqa_allocation',
            'dgqa_allocation', 'dgqa_ratio', 'pgqa_perturb', 'repair_allocation', 'uniform_allocation',
-           'mean_pool_kv_heads', 'convert_mha_to_gqa', 'ATTENTION_SCHEMES']
+           'mean_pool_kv_heads', 'convert_mha_to_gqa', 'replay_on_recompute', 'ATTENTION_SCHEMES']
 
 ATTENTION_SCHEMES = ('mhsa', 'gqa', 'kdgqa', 'dgqa_ema', 'dgqa_diff', 'pgqa')
 MODES = ('default', 'official')
@@ -97,6 +98,26 @@ def kdgqa_allocation(norms: torch.Tensor, num_heads: int, min_queries: int = 0) 
     uniform = uniform_allocation(norms.shape[-1], num_heads, norms.device).expand_as(alloc)
     alloc = torch.where(equal, uniform, alloc)
     return repair_allocation(alloc, num_heads, min_queries)
+
+
+_replaying = False
+
+
+@contextlib.contextmanager
+def _replay() -> Iterator[None]:
+    global _replaying
+    previous, _replaying = _replaying, True
+    try:
+        yield
+    finally:
+        _replaying = previous
+
+
+def replay_on_recompute() -> Tuple[contextlib.AbstractContextManager, contextlib.AbstractContextManager]:
+    """`context_fn` of torch.utils.checkpoint (use_reentrant=False): the recomputation of a checkpointed block in
+    the backward pass replays each DGQA layer's allocation of the forward it recomputes, instead of advancing the
+    layer's training state (step counter, key-norm cache) a second time; the forward itself runs as usual."""
+    return contextlib.nullcontext(), _replay()
 
 
 def dgqa_ratio(norms: torch.Tensor, cache: torch.Tensor, kind: str, num_heads: int) -> torch.Tensor:
@@ -368,6 +389,8 @@ class GroupedQueryAttention(nn.Module):
         official = self.mode == 'official'
         if not self.training and not official:
             return self.splits.clone()
+        if self.training and _replaying:
+            return self._training_allocation.clone()
         norms = key_norms(k).sum(0)
         if self.training:
             if self.training_step % self.window_size == 0:
@@ -375,6 +398,7 @@ class GroupedQueryAttention(nn.Module):
                 # official update: not an EMA, the sum is divided by the window
                 self.cache.copy_((self.cache + norms) / self.window_size)
             self.training_step += 1
+            self._training_allocation = self.splits.clone()
         else:
             # official eval: allocation from this batch and the cache, which then holds this batch's norms
             self.splits.copy_(dgqa_allocation(norms, self.cache, kind, self.num_heads, 0, True))

@@ -29,7 +29,8 @@ from timm.models import checkpoint_seq, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 
 from zoo.layers.halo_attn import HaloAttention
-from zoo.models._factory import create_model, imagenet_cfg
+from zoo.models._checkpoint import unwrap_state_dict
+from zoo.models._factory import check_image_batch, create_model, imagenet_cfg
 
 __all__ = ['HaloNet']
 
@@ -170,15 +171,11 @@ class HaloNet(nn.Module):
                     nn.init.zeros_(module.conv3_1x1.bn.weight)
 
     def check_input(self, x: torch.Tensor) -> None:
-        """Raise ValueError unless x is (B, in_chans, H, W) with H, W divisible by 32 * block_size.
+        """Raise ValueError unless x is a floating-point (B, in_chans, H, W) with H, W divisible by 32 * block_size.
 
         Stage 4 runs its blocks on the H/32 map, which the blocked attention must tile exactly.
         """
-        if not isinstance(x, torch.Tensor) or x.dim() != 4:
-            raise ValueError(f'HaloNet expects (B, {self.in_chans}, H, W) images, got '
-                             f'{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}')
-        if x.shape[1] != self.in_chans:
-            raise ValueError(f'HaloNet expects {self.in_chans} input channels, got {x.shape[1]}')
+        check_image_batch(x, self.in_chans, 'HaloNet')
         multiple = 32 * self.block_size
         if x.shape[2] % multiple or x.shape[3] % multiple:
             raise ValueError(f'halonet needs H and W divisible by 32 * block_size = {multiple}, '
@@ -290,14 +287,10 @@ def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: nn.Module) 
     """A HaloNet state dict (this model's, or timm's ByobNet HaloNet layout, which uses the same names) ->
     this model's state dict.
 
-    Accepts a raw state dict or one wrapped in 'model' / 'state_dict' / 'state_dict_ema', with or without a
-    'module.' prefix (DDP). No official checkpoint exists, so there is no other layout to convert.
+    Accepts a raw state dict or a wrapped one (`unwrap_state_dict`). No official checkpoint exists, so there is
+    no other layout to convert.
     """
-    for wrapper in ('state_dict_ema', 'model', 'state_dict'):
-        if wrapper in state_dict and isinstance(state_dict[wrapper], dict):
-            state_dict = state_dict[wrapper]
-            break
-    return {(k[len('module.'):] if k.startswith('module.') else k): v for k, v in state_dict.items()}
+    return unwrap_state_dict(state_dict)
 
 
 def _create(variant: str, pretrained: bool = False, **kwargs) -> HaloNet:

@@ -19,12 +19,15 @@ from typing import Callable, Dict, List, Optional, Tuple, Union
 
 import torch
 import torch.nn as nn
+from torch.utils.checkpoint import checkpoint
 from timm.layers import DropPath, LayerNorm, Mlp, resample_abs_pos_embed
 from timm.models import generate_default_cfgs, register_model
 from timm.models.vision_transformer import VisionTransformer
 
-from zoo.layers.grouped_query_attn import ATTENTION_SCHEMES, GroupedQueryAttention, convert_mha_to_gqa
-from zoo.models._factory import create_model, imagenet_cfg
+from zoo.layers.grouped_query_attn import (ATTENTION_SCHEMES, GroupedQueryAttention, convert_mha_to_gqa,
+                                          replay_on_recompute)
+from zoo.models._checkpoint import unwrap_state_dict
+from zoo.models._factory import check_image_batch, create_model, imagenet_cfg
 
 __all__ = ['GQAVisionTransformer', 'GQABlock']
 
@@ -104,13 +107,7 @@ class GQAVisionTransformer(VisionTransformer):
 
     def _check_input(self, x: torch.Tensor) -> None:
         """Raise ValueError naming the problem when x is not a (B, in_chans, H, W) float image batch that fits."""
-        if not torch.is_tensor(x) or x.dim() != 4:
-            raise ValueError(f'expected a (B, {self.in_chans}, H, W) image tensor, got '
-                             f'{tuple(x.shape) if torch.is_tensor(x) else type(x).__name__}')
-        if x.shape[1] != self.in_chans:
-            raise ValueError(f'expected {self.in_chans} input channels, got {x.shape[1]} (shape {tuple(x.shape)})')
-        if not x.is_floating_point():
-            raise ValueError(f'expected a floating-point image tensor, got {x.dtype}')
+        check_image_batch(x, self.in_chans, 'GQA ViT')
         patch = self.patch_embed.patch_size
         height, width = x.shape[-2:]
         if self.dynamic_img_size:
@@ -125,7 +122,13 @@ class GQAVisionTransformer(VisionTransformer):
                          is_causal: bool = False) -> torch.Tensor:
         """(B, in_chans, H, W) -> (B, 1 + H*W/p^2, C) tokens (cls first), final norm applied."""
         self._check_input(x)
-        return super().forward_features(x, attn_mask=attn_mask, is_causal=is_causal)
+        if not (self.grad_checkpointing and attn_mask is None and not is_causal):
+            return super().forward_features(x, attn_mask=attn_mask, is_causal=is_causal)
+        x = self.norm_pre(self.patch_drop(self._pos_embed(self.patch_embed(x))))
+        for block in self.blocks:
+            # DGQA layers keep training state: the recomputation in backward replays their allocation
+            x = checkpoint(block, x, use_reentrant=False, context_fn=replay_on_recompute)
+        return self.norm(x)
 
     def forward_intermediates(self, x: torch.Tensor, indices: Optional[Union[int, List[int]]] = None,
                               return_prefix_tokens: bool = False, norm: bool = False, stop_early: bool = False,
@@ -156,7 +159,7 @@ def _attention_modules(model: nn.Module) -> Dict[str, GroupedQueryAttention]:
 def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: GQAVisionTransformer) -> Dict[str, torch.Tensor]:
     """Official KDGQA-repo checkpoint, or any timm MHA ViT checkpoint, -> this model's state dict.
 
-    * unwraps 'model' / 'state_dict' and strips a 'module.' prefix;
+    * unwraps a wrapped checkpoint (`unwrap_state_dict`);
     * fused `attn.qkv` (timm / MHA ViTs) is split and its K/V heads mean-pooled to the model's num_kv_heads (the
       official uptraining conversion, `convert_mha_to_gqa`);
     * a position embedding of another grid is resampled (bicubic) to the model's;
@@ -165,11 +168,7 @@ def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: GQAVisionTr
     * DGQA buffers missing from the file: `cache` starts at zeros (as the official module does) and `splits`
       (the zoo's persisted allocation) is derived from the cache (`allocation_from_cache`).
     """
-    for wrapper in ('model', 'state_dict'):
-        if wrapper in state_dict and isinstance(state_dict[wrapper], dict):
-            state_dict = state_dict[wrapper]
-            break
-    state_dict = {k[len('module.'):] if k.startswith('module.') else k: v for k, v in state_dict.items()}
+    state_dict = unwrap_state_dict(state_dict)
     attention = _attention_modules(model)
     if any(key.endswith('attn.qkv.weight') for key in state_dict) and attention:
         first = next(iter(attention.values()))

@@ -20,7 +20,8 @@ from timm.models import checkpoint_seq, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 
 from zoo.layers.neighborhood_attn import NeighborhoodAttention2d
-from zoo.models._factory import create_model, imagenet_cfg
+from zoo.models._checkpoint import unwrap_state_dict
+from zoo.models._factory import check_image_batch, create_model, imagenet_cfg
 
 __all__ = ['NAT', 'DiNATs', 'NATIsotropic']
 
@@ -205,13 +206,15 @@ def _per_layer(values: Optional[Sequence], depth: int, name: str, level: int) ->
 
 
 class _PooledClassifier(nn.Module):
-    """Head shared by every model here: final LayerNorm (in `forward_features`), global pool, dropout, Linear.
+    """What every model here shares: the input check in front of the stem (`patch_embed`), and the head: final
+    LayerNorm (in `forward_features`), global pool, dropout, Linear.
 
     Keys `norm.*` and `head.*`, as in the official files.
     """
 
-    def _init_head(self, num_features: int, num_classes: int, global_pool: str, drop_rate: float,
+    def _init_head(self, in_chans: int, num_features: int, num_classes: int, global_pool: str, drop_rate: float,
                    norm_layer: Callable, dd: Dict) -> None:
+        self.in_chans = in_chans
         self.num_classes = num_classes
         self.num_features = self.head_hidden_size = num_features
         self.output_fmt = 'NCHW'
@@ -234,6 +237,11 @@ class _PooledClassifier(nn.Module):
         if global_pool is not None:
             self.global_pool = _pool(global_pool)
         self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+
+    def _embed(self, x: torch.Tensor) -> torch.Tensor:
+        """Checked (B, in_chans, H, W) images -> the stem's (B, h, w, C) map."""
+        check_image_batch(x, self.in_chans, type(self).__name__)
+        return self.patch_embed(x)
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         """(B, C, h, w) -> logits (B, num_classes), or pooled features (B, C) with pre_logits."""
@@ -296,8 +304,8 @@ class NAT(_PooledClassifier):
         if stem not in ('conv', 'patch') or downsample not in ('conv', 'merge'):
             raise ValueError(f"stem must be 'conv'|'patch' and downsample 'conv'|'merge', got {stem!r}, {downsample!r}")
         self.num_levels = len(depths)
-        self._init_head(int(embed_dim * 2 ** (self.num_levels - 1)), num_classes, global_pool, drop_rate, norm_layer,
-                        dd)
+        self._init_head(in_chans, int(embed_dim * 2 ** (self.num_levels - 1)), num_classes, global_pool, drop_rate,
+                        norm_layer, dd)
 
         if stem == 'conv':
             self.patch_embed = ConvTokenizer(in_chans, embed_dim, norm_layer, **dd)
@@ -377,7 +385,7 @@ class NAT(_PooledClassifier):
         take_indices, max_index = feature_take_indices(self.num_levels, indices)
         levels = self.stages[:max_index + 1] if stop_early else self.stages
         intermediates = []
-        x = self.patch_embed(x)
+        x = self._embed(x)
         for i, level in enumerate(levels):
             x = level.forward_blocks(x)
             if i in take_indices:
@@ -404,7 +412,7 @@ class NAT(_PooledClassifier):
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """(B, in_chans, H, W) -> (B, num_features, ceil(H/32), ceil(W/32)), final norm applied."""
-        x = self.patch_embed(x)
+        x = self._embed(x)
         for level in self.stages:
             x = level(x)
         return self.norm(x).permute(0, 3, 1, 2)
@@ -456,7 +464,7 @@ class NATIsotropic(_PooledClassifier):
     ):
         super().__init__()
         dd = dict(device=device, dtype=dtype)
-        self._init_head(embed_dim, num_classes, global_pool, drop_rate, norm_layer, dd)
+        self._init_head(in_chans, embed_dim, num_classes, global_pool, drop_rate, norm_layer, dd)
         self.patch_embed = PatchEmbed(in_chans, embed_dim, patch_size, norm_layer, **dd)
         grid = tuple(size // patch_size for size in to_2tuple(img_size))
         if kernel_size is None and grid[0] != grid[1]:
@@ -499,7 +507,7 @@ class NATIsotropic(_PooledClassifier):
         take_indices, max_index = feature_take_indices(len(self.layers), indices)
         layers = self.layers[:max_index + 1] if stop_early else self.layers
         intermediates = []
-        x = self.patch_embed(x)
+        x = self._embed(x)
         for i, layer in enumerate(layers):
             x = layer(x)
             if i in take_indices:
@@ -521,7 +529,7 @@ class NATIsotropic(_PooledClassifier):
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """(B, in_chans, H, W) -> (B, embed_dim, ceil(H/p), ceil(W/p)), final norm applied."""
-        x = self.patch_embed(x)
+        x = self._embed(x)
         if self.grad_checkpointing and not torch.jit.is_scripting():
             x = checkpoint_seq(self.layers, x)
         else:
@@ -554,18 +562,13 @@ def _resize_rpb(rpb: torch.Tensor, shape: torch.Size) -> torch.Tensor:
 def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: nn.Module) -> Dict[str, torch.Tensor]:
     """Official NAT / DiNAT / DiNAT_s / isotropic checkpoint -> this model's state dict.
 
-    Accepts a raw state dict (the official format) or one wrapped in 'model' / 'state_dict', with or without a
-    'module.' prefix. Relative position bias tables of another kernel size are resized bicubically; everything
-    else must already match (strict loading then names any missing or unexpected key).
+    Accepts a raw state dict (the official format) or a wrapped one (`unwrap_state_dict`). Relative position bias
+    tables of another kernel size are resized bicubically; everything else must already match (strict loading
+    then names any missing or unexpected key).
     """
-    for wrapper in ('model', 'state_dict'):
-        if wrapper in state_dict and isinstance(state_dict[wrapper], dict):
-            state_dict = state_dict[wrapper]
-            break
     own = model.state_dict()
     out = {}
-    for key, value in state_dict.items():
-        key = key[len('module.'):] if key.startswith('module.') else key
+    for key, value in unwrap_state_dict(state_dict).items():
         target = own.get(key)
         if key.endswith('attn.rpb') and target is not None and target.shape != value.shape \
                 and target.shape[0] == value.shape[0] and not value.is_meta:

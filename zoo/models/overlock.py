@@ -12,7 +12,10 @@ Three sub-networks:
 State-dict names are the official ones (including nn.Sequential indices) in both the training form and the
 re-parameterised form (`deploy=True`, or `model.reparam()`), so both official files load strictly.
 `forward` returns the main logits only (timm contract); `forward_with_aux` also returns the auxiliary head's
-logits for the official training loss (main + 0.4 * aux).
+logits for the official training loss (main + 0.4 * aux). The auxiliary head is built by default so official
+checkpoints load strictly, but it is frozen (requires_grad False) until `set_aux_head_trainable(True)`: a plain
+`forward` never reaches it, and a trainable parameter without gradient breaks DDP (without
+find_unused_parameters) and is shrunk by weight decay for nothing.
 """
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
@@ -26,7 +29,8 @@ from timm.models._features import feature_take_indices
 
 from zoo.layers.contmix import (GRN, ContMix, ConvLayerScale, DilatedReparamBlock, ResDWConv, SqueezeExcite2d,
                                 fold_dilated_reparam)
-from zoo.models._factory import create_model, imagenet_cfg
+from zoo.models._checkpoint import unwrap_state_dict
+from zoo.models._factory import check_image_batch, create_model, imagenet_cfg
 
 __all__ = ['OverLoCK']
 
@@ -179,7 +183,8 @@ class OverLoCK(nn.Module):
         res_scale: layer scale on the identity (official) instead of the residual branch.
         smk_size: ContMix small kernel.
         projection: width of the head's 1x1 projection (the pre-logits width).
-        use_ds: build the auxiliary (deep supervision) head on the Overview-Net output.
+        use_ds: build the auxiliary (deep supervision) head on the Overview-Net output (frozen until
+            `set_aux_head_trainable(True)`).
         deploy: re-parameterised form (every DilatedReparamBlock folded into one depthwise conv with bias).
         num_classes, in_chans, global_pool, drop_rate, drop_path_rate: timm conventions.
         backend: ContMix aggregation backend ('auto' | 'torch' | 'triton').
@@ -258,6 +263,8 @@ class OverLoCK(nn.Module):
         if use_ds:
             self.aux_head = nn.Sequential(nn.BatchNorm2d(embed_dim[3], **dd), nn.AdaptiveAvgPool2d(1),
                                           _classifier(embed_dim[3], num_classes, **dd))
+            # only a loss through forward_with_aux reaches it: it trains when that loss asks for it
+            self.aux_head.requires_grad_(False)
         self.feature_info = [
             dict(num_chs=embed_dim[0], reduction=4, module='blocks1'),
             dict(num_chs=embed_dim[1], reduction=8, module='blocks2'),
@@ -300,6 +307,17 @@ class OverLoCK(nn.Module):
         self.head[4] = _classifier(self.num_features, num_classes)
         if hasattr(self, 'aux_head'):
             self.aux_head[2] = _classifier(self.aux_head[0].num_features, num_classes)
+            self.aux_head[2].requires_grad_(self.aux_head[0].weight.requires_grad)
+
+    @torch.jit.ignore
+    def set_aux_head_trainable(self, enable: bool = True) -> None:
+        """Train the auxiliary head (requires_grad) for a loss through `forward_with_aux`, or freeze it again.
+
+        Call it before building the optimizer and wrapping the model in DDP, which only see trainable parameters.
+        """
+        if not hasattr(self, 'aux_head'):
+            raise ValueError('this OverLoCK has no auxiliary head (built with use_ds=False)')
+        self.aux_head.requires_grad_(enable)
 
     @torch.no_grad()
     def reparam(self) -> 'OverLoCK':
@@ -311,14 +329,7 @@ class OverLoCK(nn.Module):
         return self
 
     def _check_input(self, x: torch.Tensor) -> None:
-        if not isinstance(x, torch.Tensor) or x.dim() != 4:
-            shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
-            raise ValueError(f'OverLoCK expects (B, {self.in_chans}, H, W) images, got {shape}')
-        if x.shape[1] != self.in_chans:
-            raise ValueError(f'OverLoCK was built for {self.in_chans} input channels, got {x.shape[1]} '
-                             f'(input {tuple(x.shape)})')
-        if not x.is_floating_point():
-            raise ValueError(f'OverLoCK expects a floating point input, got {x.dtype}')
+        check_image_batch(x, self.in_chans, 'OverLoCK')
         if x.shape[2] < 1 or x.shape[3] < 1:
             raise ValueError(f'OverLoCK needs H and W >= 1, got {x.shape[2]}x{x.shape[3]}')
 
@@ -381,7 +392,8 @@ class OverLoCK(nn.Module):
 
     def forward_with_aux(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """Main logits and the auxiliary head's logits (B, num_classes) from one pass, for the training loss
-        main + aux_weight * aux (official weight 0.4)."""
+        main + aux_weight * aux (official weight 0.4). The head's own parameters learn from it only after
+        `set_aux_head_trainable(True)`; the backbone always does."""
         if not hasattr(self, 'aux_head'):
             raise ValueError('this OverLoCK has no auxiliary head (built with use_ds=False)')
         feats, ctx = self._forward_levels(x)
@@ -466,16 +478,12 @@ def _fold_train_form(state: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
 def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: nn.Module) -> Dict[str, torch.Tensor]:
     """Official OverLoCK checkpoint (train or re-parameterised form) -> this model's state dict.
 
-    Accepts a raw state dict or one wrapped in 'model' / 'state_dict', with or without a 'module.' prefix.
+    Accepts a raw state dict or a wrapped one (`unwrap_state_dict`).
     A train-form checkpoint loads into a `deploy=True` model by folding its DilatedReparamBlocks on the way; a
     deploy-form checkpoint cannot be unfolded, so loading it into a train-form model is an error. An auxiliary
     classifier of another class count is dropped (like the main one, timm then re-initialises it).
     """
-    for wrapper in ('model', 'state_dict'):
-        if wrapper in state_dict and isinstance(state_dict[wrapper], dict):
-            state_dict = state_dict[wrapper]
-            break
-    state = {(k[len('module.'):] if k.startswith('module.') else k): v for k, v in state_dict.items()}
+    state = unwrap_state_dict(state_dict)
     deploy_ckpt = any(k.endswith('.lk_origin.bias') for k in state)
     train_ckpt = any(k.endswith('.origin_bn.weight') for k in state)
     if deploy_ckpt and not getattr(model, 'deploy', False):

@@ -16,7 +16,10 @@ no token pruning) the mask is all ones and plain dense attention runs. Both give
 
 Training (`set_attention_reconstruction`): in the official phase 1 the backbone runs dense attention in training
 mode while the predictor (signed basis, dense coefficients) is fitted to a teacher's attention; its approximations
-are kept in `approx_attn` for `teacher_attention_loss`. Phase 2 trains the backbone with the mask on.
+are kept in `approx_attn` for `teacher_attention_loss`. Phase 2 trains the backbone with the mask on. The mask is
+detached (official), so only the phase-1 loss reaches the predictors: they are frozen (requires_grad False) unless
+attention reconstruction is on, so that a plain training step leaves no trainable parameter without gradient
+(which DDP without find_unused_parameters rejects).
 
 Token pruning (official, EViT-like): blocks flagged in `token_pruning_loc_indicator` keep the top
 `ceil(token_keep_rate * 196)` patch tokens by mean-over-heads cls attention; pruned tokens are zeroed, not
@@ -43,7 +46,8 @@ from timm.models._features import feature_take_indices
 
 from zoo.layers.sparse_attn import (ConnectivityPredictor, attention_budget, connectivity_mask, connectivity_topk,
                                     dense_attention, masked_attention, topk_sparse_attention)
-from zoo.models._factory import create_model, imagenet_cfg
+from zoo.models._checkpoint import unwrap_state_dict
+from zoo.models._factory import check_image_batch, create_model, imagenet_cfg
 
 __all__ = ['Sparsifiner', 'SparsifinerAttention', 'SparsifinerBlock']
 
@@ -320,6 +324,7 @@ class Sparsifiner(nn.Module):
         reduction = patch_size
         self.feature_info = [dict(num_chs=embed_dim, reduction=reduction, module=f'blocks.{i}') for i in range(depth)]
         self.set_attn_impl(attn_impl)
+        self.set_attention_reconstruction(False)
         trunc_normal_(self.pos_embed, std=.02)
         trunc_normal_(self.cls_token, std=.02)
         self.apply(_init_weights)
@@ -333,9 +338,11 @@ class Sparsifiner(nn.Module):
 
     def set_attention_reconstruction(self, enabled: bool = True) -> None:
         """Phase 1 of the paper: in training mode attention stays dense and the predictors' approximations are
-        recorded (signed basis) for `teacher_attention_loss`; eval mode always applies the mask."""
+        recorded (signed basis) for `teacher_attention_loss`; eval mode always applies the mask. The predictors
+        train (requires_grad) exactly while this is on: no other loss reaches them."""
         for block in self.blocks:
             block.attn.attn_recon = enabled
+            block.attn.mask_predictor.requires_grad_(enabled)
 
     def teacher_attention_loss(self, teacher_attention: Sequence[torch.Tensor]) -> torch.Tensor:
         """Official attention-reconstruction loss of the last forward: per block, MSE with reduction 'sum' between
@@ -386,13 +393,7 @@ class Sparsifiner(nn.Module):
 
     def _check_input(self, x: torch.Tensor) -> None:
         """ValueError naming the problem unless x is a float (B, in_chans, 224, 224)-style image batch."""
-        if not torch.is_tensor(x) or x.dim() != 4:
-            shape = tuple(x.shape) if torch.is_tensor(x) else type(x).__name__
-            raise ValueError(f'expected a (B, {self.in_chans}, H, W) image tensor, got {shape}')
-        if x.shape[1] != self.in_chans:
-            raise ValueError(f'expected {self.in_chans} input channels, got {x.shape[1]} (shape {tuple(x.shape)})')
-        if not x.is_floating_point():
-            raise ValueError(f'expected a floating-point image tensor, got {x.dtype}')
+        check_image_batch(x, self.in_chans, 'sparsifiner')
         expected = tuple(self.patch_embed.img_size)
         if tuple(x.shape[-2:]) != expected:
             raise ValueError(
@@ -518,16 +519,12 @@ def _init_weights(module: nn.Module) -> None:
 def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: Sparsifiner) -> Dict[str, torch.Tensor]:
     """Official Sparsifiner, timm / official DeiT or LV-ViT (TokenLabeling) checkpoint -> this model's state dict.
 
-    Unwraps 'model' / 'state_dict' / 'state_dict_ema' and a 'module.' prefix. A backbone checkpoint without the
-    connectivity predictors (DeiT-S, LV-ViT-S: the start of the paper's phase 1) gets the model's freshly
-    initialised `mask_predictor.*` tensors; the added keys are logged. A 1000-class DeiT `head_dist` /
-    `dist_token` (distilled DeiT) is refused: it is another architecture.
+    Unwraps a wrapped checkpoint (`unwrap_state_dict`). A backbone checkpoint without the connectivity predictors
+    (DeiT-S, LV-ViT-S: the start of the paper's phase 1) gets the model's freshly initialised `mask_predictor.*`
+    tensors; the added keys are logged. A 1000-class DeiT `head_dist` / `dist_token` (distilled DeiT) is refused:
+    it is another architecture.
     """
-    for wrapper in ('model', 'state_dict_ema', 'state_dict'):
-        if wrapper in state_dict and isinstance(state_dict[wrapper], dict):
-            state_dict = state_dict[wrapper]
-            break
-    state_dict = {k[len('module.'):] if k.startswith('module.') else k: v for k, v in state_dict.items()}
+    state_dict = unwrap_state_dict(state_dict)
     if 'dist_token' in state_dict:
         raise ValueError('a distilled DeiT checkpoint (dist_token, head_dist) does not fit Sparsifiner; use the '
                          'plain deit_small_patch16_224 weights')

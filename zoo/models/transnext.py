@@ -20,7 +20,8 @@ from timm.models._features import feature_take_indices
 
 from zoo.layers.aggregated_attn import AggregatedAttention, ScaledCosineAttention
 from zoo.layers.convglu import ConvGLU
-from zoo.models._factory import create_model, imagenet_cfg
+from zoo.models._checkpoint import unwrap_state_dict
+from zoo.models._factory import check_image_batch, create_model, imagenet_cfg
 
 __all__ = ['TransNeXt']
 
@@ -193,13 +194,7 @@ class TransNeXt(nn.Module):
         self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
 
     def _check_input(self, x: torch.Tensor) -> None:
-        if not isinstance(x, torch.Tensor) or x.dim() != 4:
-            shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
-            raise ValueError(f'transnext expects a (B, {self.in_chans}, H, W) image batch, got {shape}')
-        if not x.is_floating_point():
-            raise ValueError(f'transnext expects a floating-point image batch, got {x.dtype}')
-        if x.shape[1] != self.in_chans:
-            raise ValueError(f'transnext was built for {self.in_chans} input channels, got {x.shape[1]}')
+        check_image_batch(x, self.in_chans, 'transnext')
         height, width = x.shape[-2:]
         if height % _STRIDE or width % _STRIDE or height == 0 or width == 0:
             raise ValueError(f'transnext needs H and W divisible by {_STRIDE}, got {height}x{width}')
@@ -299,23 +294,13 @@ def _init_weights(module: nn.Module) -> None:
 def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: nn.Module) -> Dict[str, torch.Tensor]:
     """Official TransNeXt checkpoint -> this model's state dict.
 
-    The official files are plain state dicts with the names used here; wrapped forms ('model', 'state_dict')
-    and a DDP 'module.' prefix are unwrapped. Official non-persistent buffers (`relative_pos_index*`,
+    The official files are plain state dicts with the names used here; wrapped forms are unwrapped
+    (`unwrap_state_dict`). Official non-persistent buffers (`relative_pos_index*`,
     `relative_coords_table*`, `seq_length_scale`, `padding_mask`) are derived per input size here and dropped
     if a file carries them.
     """
-    for wrapper in ('model', 'state_dict'):
-        if wrapper in state_dict and isinstance(state_dict[wrapper], dict):
-            state_dict = state_dict[wrapper]
-            break
     buffers = ('relative_pos_index', 'relative_coords_table', 'seq_length_scale', 'padding_mask')
-    out = {}
-    for key, value in state_dict.items():
-        key = key[len('module.'):] if key.startswith('module.') else key
-        if key.split('.')[-1].startswith(buffers):
-            continue
-        out[key] = value
-    return out
+    return {k: v for k, v in unwrap_state_dict(state_dict).items() if not k.split('.')[-1].startswith(buffers)}
 
 
 def _create(variant: str, pretrained: bool = False, **kwargs) -> TransNeXt:

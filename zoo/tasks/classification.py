@@ -101,6 +101,8 @@ class ClassificationModule(TaskModule):
     def __init__(self, recipe: Recipe, num_classes: int, updates_per_epoch: int, run_dir: Optional[Path] = None):
         super().__init__(recipe, updates_per_epoch, run_dir)
         self.model = build_model(recipe, num_classes)
+        if recipe.loss.aux_weight:
+            self._enable_auxiliary_output()
         self.ema = ModelEmaV3(self.model, decay=recipe.trainer.ema_decay) if recipe.trainer.ema else None
         a, smoothing = recipe.aug, recipe.loss.smoothing
         self.mixup = None
@@ -117,15 +119,22 @@ class ClassificationModule(TaskModule):
         if recipe.loss.distill:
             self.distill = DistillLoss(DistillConfig.from_dict(recipe.loss.distill), self.train_loss, num_classes)
             self.distill.prepare_student(self.model)
-        if recipe.loss.aux_weight and not hasattr(self.model, 'forward_with_aux'):
-            raise ValueError(f'loss.aux_weight is set but {recipe.model.name} has no auxiliary head '
-                             f'(forward_with_aux); remove loss.aux_weight')
         self.top_k = min(5, num_classes)
         self.skipped_images = 0
         self._val = {'correct1': 0, 'correctk': 0, 'count': 0, 'loss': 0.0}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(x)
+
+    def _enable_auxiliary_output(self) -> None:
+        """loss.aux_weight trains through the model's `forward_with_aux(x) -> (logits, aux_logits)`; a model whose
+        auxiliary head is frozen when unused (so that plain training leaves no parameter without a gradient)
+        unfreezes it with `set_aux_head_trainable(True)`, before the optimizer, EMA and DDP see the parameters."""
+        if not hasattr(self.model, 'forward_with_aux'):
+            raise ValueError(f'loss.aux_weight is set but {self.recipe.model.name} has no auxiliary head '
+                             f'(forward_with_aux); remove loss.aux_weight')
+        if hasattr(self.model, 'set_aux_head_trainable'):
+            self.model.set_aux_head_trainable(True)
 
     def parameter_groups(self):
         return self.model

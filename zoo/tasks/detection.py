@@ -21,7 +21,6 @@ import torch
 import torch.nn as nn
 from pycocotools import mask as mask_utils
 from pycocotools.cocoeval import COCOeval
-from safetensors.torch import load_file
 from timm.optim import param_groups_weight_decay
 from torch.utils.data import DataLoader
 from torchvision.models.detection import FCOS, MaskRCNN, RetinaNet
@@ -31,6 +30,7 @@ from torchvision.ops import FeaturePyramidNetwork
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool, LastLevelP6P7
 
 from zoo.data.coco import CocoInstances, detection_collate, shapes_coco
+from zoo.models import read_state_dict
 from zoo.recipes import Recipe, RecipeError
 from zoo.tasks.artifact import CONFIG_FILE, WEIGHTS_FILE, load_weights, read_config, save_weights, write_config
 from zoo.tasks.engine import Monitor, TaskModule, backbone_no_weight_decay, fit, start_run
@@ -130,21 +130,6 @@ def _in_chans(body: nn.Module) -> int:
     return int(getattr(inner, 'in_chans', getattr(body, 'in_chans', 3)))
 
 
-def _read_state_dict(path: str) -> Dict[str, torch.Tensor]:
-    """Tensors of a safetensors / torch file (never unpickling objects), unwrapped from `state_dict` / `model`."""
-    if not Path(path).is_file():
-        raise FileNotFoundError(f'backbone checkpoint not found: {path}')
-    if str(path).endswith('.safetensors'):
-        return load_file(str(path))
-    state = torch.load(str(path), map_location='cpu', weights_only=True)
-    for key in ('state_dict', 'model', 'module'):
-        if isinstance(state, dict) and isinstance(state.get(key), dict):
-            state = state[key]
-    if not isinstance(state, dict):
-        raise ValueError(f'{path}: expected a state dict, got {type(state).__name__}')
-    return state
-
-
 def load_backbone_weights(body: nn.Module, path: str) -> Dict[str, List[str]]:
     """Load a classification checkpoint or an official mmdet / mmseg one into a features_only `body`.
 
@@ -153,7 +138,7 @@ def load_backbone_weights(body: nn.Module, path: str) -> Dict[str, List[str]]:
     covered; keys the features_only body has no place for (classifier head, the downstream-only output norms)
     are returned as `unused`. Returns {'loaded': [...], 'unused': [...]}.
     """
-    state = _read_state_dict(path)
+    state = read_state_dict(path)
     if any(k.startswith('backbone.') for k in state):
         state = {k[len('backbone.'):]: v for k, v in state.items() if k.startswith('backbone.')}
     model = getattr(body, 'model', body)  # timm's FeatureGetterNet keeps the model as `.model`

@@ -109,7 +109,8 @@ def patch_token_mse(student_tokens: torch.Tensor, teacher_tokens: torch.Tensor, 
 
 def set_trainable(model: nn.Module, trainable: Optional[Sequence[str]] = None, frozen: Sequence[str] = ()
                   ) -> List[str]:
-    """Freeze by parameter-name globs: with `trainable`, only matching parameters train; then `frozen` ones stop.
+    """Freeze by parameter-name globs: with `trainable`, only matching parameters train, without it those the model
+    itself leaves trainable (a model freezes what no loss of its current mode reaches); then `frozen` ones stop.
 
     Returns the names that train. A pattern that matches no parameter is a ValueError (a typo would otherwise
     silently freeze or train the wrong part).
@@ -120,7 +121,7 @@ def set_trainable(model: nn.Module, trainable: Optional[Sequence[str]] = None, f
             raise ValueError(f'parameter pattern {pattern!r} matches no parameter of {type(model).__name__}')
     chosen = []
     for name, param in model.named_parameters():
-        train = trainable is None or any(fnmatch.fnmatch(name, p) for p in trainable)
+        train = param.requires_grad if trainable is None else any(fnmatch.fnmatch(name, p) for p in trainable)
         train = train and not any(fnmatch.fnmatch(name, p) for p in frozen)
         param.requires_grad_(train)
         if train:
