@@ -269,6 +269,20 @@ def compress_image(codec: nn.Module, image: torch.Tensor, model_name: str, quali
     return body + _CRC.pack(zlib.crc32(body))
 
 
+def _guarded(string: bytes, padded_size: Tuple[int, int]) -> bytes:
+    """`string` followed by zero bytes that no valid stream reaches, so that the range decoder cannot read past it.
+
+    CompressAI's rANS decoder does not check its input's end: a stream whose checksum is valid but whose payload is
+    damaged (or was crafted) makes it read on. It reads at most one 32-bit word per decoded symbol, plus the words of
+    bypass-coded escapes, whose count the stream's own bits limit (at most 15 per 4-bit chunk); zero words decode
+    to symbol 0, which ends any escape. A codec's latents have fewer elements than the padded image has samples, so
+    4 bytes per sample and 120 per stream byte bound every read. A valid stream never reads into the padding, so
+    it decodes exactly as before.
+    """
+    height, width = padded_size
+    return string + bytes(4 * (3 * height * width + 30 * len(string)) + 16)
+
+
 def decompress_image(codec: nn.Module, data: bytes, model_name: str) -> torch.Tensor:
     """Decode a bitstream written by `compress_image` for `model_name` -> (3, H, W) uint8 on the CPU.
 
@@ -284,12 +298,12 @@ def decompress_image(codec: nn.Module, data: bytes, model_name: str) -> torch.Te
     if tables_crc(codec) != header.tables_crc:
         raise BitstreamError(f'the entropy tables of this {model_name} codec differ from the encoder\'s: the stream '
                              f'(quality {header.quality}) was written with other weights')
-    strings, offset = [], header.payload_offset
-    for length in header.string_lengths:
-        strings.append([bytes(data[offset:offset + length])])
-        offset += length
     multiple = _pad_multiple(codec)
     padded = (header.height + -header.height % multiple, header.width + -header.width % multiple)
+    strings, offset = [], header.payload_offset
+    for length in header.string_lengths:
+        strings.append([_guarded(bytes(data[offset:offset + length]), padded)])
+        offset += length
     with _coding_mode(codec):
         try:
             x_hat = codec.decompress(strings, list(header.latent_shape))['x_hat']

@@ -5,12 +5,14 @@ built-in shapes set, transformed with timm's train/eval transforms.
 """
 import argparse
 import math
+import pickle
 from pathlib import Path
 from typing import Dict, Optional, Tuple
 
 import timm
 import torch
 import torch.nn as nn
+from safetensors import SafetensorError
 from timm.data import Mixup, create_transform, resolve_data_config
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from timm.utils import ModelEmaV3
@@ -310,7 +312,8 @@ def load_model(checkpoint: Optional[str], model_name: Optional[str], num_classes
     """A classifier from a model folder (zoo train / convert output), or a registered model with a weights file.
 
     Raises:
-        ValueError: a missing checkpoint, no model name for a weights file, or weights that do not fit.
+        ValueError: a missing checkpoint, no model name for a weights file, a damaged folder or weights file, or
+            weights that do not fit.
     """
     path = Path(checkpoint) if checkpoint else None
     if path is not None and not path.exists():
@@ -319,14 +322,27 @@ def load_model(checkpoint: Optional[str], model_name: Optional[str], num_classes
         verify_listed_checkpoint(path)
     if path is not None and path.is_dir():
         read_config(path)  # a damaged config.json is one clear error, not a failure inside timm
-        return timm.create_model(f'local-dir:{path}', pretrained=True)
+        return _read_weights_through_timm(path / WEIGHTS_FILE, f'local-dir:{path}', pretrained=True)
     if not model_name:
         raise ValueError('--model is required unless --checkpoint is a model folder (config.json + weights)')
     kwargs = {} if num_classes is None else dict(num_classes=num_classes)
     if path is None:
         return timm.create_model(model_name, **kwargs)
-    overlay = dict(file=str(path), **kwargs)
-    return timm.create_model(model_name, pretrained=True, pretrained_cfg_overlay=overlay, **kwargs)
+    return _read_weights_through_timm(path, model_name, pretrained=True,
+                                      pretrained_cfg_overlay=dict(file=str(path), **kwargs), **kwargs)
+
+
+def _read_weights_through_timm(weights: Path, name: str, **kwargs) -> nn.Module:
+    """timm.create_model(name, **kwargs), whose weights file `weights` may be damaged: its reader's errors become one
+    ValueError naming the file (the pretrained-file path never unpickles code: timm loads with weights_only)."""
+    try:
+        return timm.create_model(name, **kwargs)
+    except (SafetensorError, EOFError, pickle.UnpicklingError) as err:
+        raise ValueError(f'{weights}: not a readable weights file (truncated or corrupt?): {err}') from None
+    except RuntimeError as err:
+        if 'PytorchStreamReader' not in str(err) and 'Error(s) in loading state_dict' not in str(err):
+            raise
+        raise ValueError(f'{weights} does not load into {name}: {err}') from None
 
 
 def _evaluate_command(args: argparse.Namespace) -> Dict:

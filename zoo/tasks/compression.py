@@ -168,10 +168,10 @@ class CompressionModule(TaskModule):
         """batch: (B, 3, crop, crop) float in [0, 1]."""
         self.check_batch_finite(batch, batch_idx)
         batch = batch.contiguous(memory_format=torch.channels_last)
-        optimizer, aux_optimizer = self.optimizers()
         terms = rate_distortion_loss(self.codec(batch), batch, self.lmbda, self.recipe.loss.metric)
         self.log_training_loss(terms['loss'], batch_idx, batch.shape[0],
                                {'bpp': terms['bpp'], 'psnr': -10 * torch.log10(terms['mse'].detach())})
+        optimizer, aux_optimizer = self.optimizers()
         optimizer.zero_grad()
         self.manual_backward(terms['loss'])
         if self.recipe.trainer.clip_grad:

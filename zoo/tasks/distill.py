@@ -28,8 +28,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import zoo  # noqa: F401  (registers the zoo's models, so zoo names work as teachers)
-
 __all__ = ['DistillConfig', 'DistillLoss', 'TeacherAttentionStudent', 'AttentionRecorder', 'build_teacher',
            'kl_to_teacher', 'patch_token_mse', 'set_trainable']
 
