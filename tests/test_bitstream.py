@@ -4,6 +4,7 @@ import io
 import struct
 import subprocess
 import sys
+import time
 import zlib
 
 import numpy as np
@@ -124,6 +125,40 @@ def test_absurd_header_sizes_are_rejected_before_decoding(codec):
         read_header(_forged(45, 70, [1, 2], [4])[:-8] + struct.pack('<I', 0))
     with pytest.raises(BitstreamError, match='version 9'):
         read_header(b'ZLIC\x09' + bytes(40))
+
+
+def _with_payload(stream: bytes, latent_shape, payload: bytes, lengths) -> bytes:
+    """`stream`'s header with another latent shape and payload, re-checksummed: only the decoder can object."""
+    header = read_header(stream)
+    name = header.model.encode()
+    body = (b'ZLIC' + struct.pack('<BB', 1, len(name)) + name
+            + struct.pack('<BHH', header.quality, header.height, header.width)
+            + struct.pack(f'<B{len(latent_shape)}I', len(latent_shape), *latent_shape)
+            + struct.pack(f'<B{len(lengths)}I', len(lengths), *lengths) + struct.pack('<I', header.tables_crc) + payload)
+    return body + struct.pack('<I', zlib.crc32(body))
+
+
+def test_garbage_payload_with_a_valid_checksum_decodes_or_fails_cleanly_in_bounded_time(codec, stream):
+    """Random payloads (same lengths, empty strings, a latent shape that does not fit the image) under a valid
+    checksum: each is a BitstreamError or an image of the announced size, never a crash or a hang (the strings
+    are padded so the range decoder cannot read past them)."""
+    header = read_header(stream)
+    rng = np.random.default_rng(0)
+    outcomes = set()
+    for trial in range(60):
+        lengths = [int(rng.choice([0, 1, 3, length, 4 * length])) for length in header.string_lengths]
+        shape = [int(rng.choice([1, dim, dim + 1])) for dim in header.latent_shape]
+        forged = _with_payload(stream, shape, rng.integers(0, 256, sum(lengths), dtype=np.uint8).tobytes(), lengths)
+        start = time.perf_counter()
+        try:
+            image = decompress_image(codec, forged, MODEL)
+        except BitstreamError:
+            outcomes.add('BitstreamError')
+        else:
+            assert image.shape == (3, header.height, header.width) and image.dtype == torch.uint8
+            outcomes.add('image')
+        assert time.perf_counter() - start < 10
+    assert outcomes == {'BitstreamError', 'image'}
 
 
 def test_stale_tables_are_refreshed_before_compressing():
