@@ -134,7 +134,8 @@ def _with_payload(stream: bytes, latent_shape, payload: bytes, lengths) -> bytes
     body = (b'ZLIC' + struct.pack('<BB', 1, len(name)) + name
             + struct.pack('<BHH', header.quality, header.height, header.width)
             + struct.pack(f'<B{len(latent_shape)}I', len(latent_shape), *latent_shape)
-            + struct.pack(f'<B{len(lengths)}I', len(lengths), *lengths) + struct.pack('<I', header.tables_crc) + payload)
+            + struct.pack(f'<B{len(lengths)}I', len(lengths), *lengths) + struct.pack('<I', header.tables_crc)
+            + payload)
     return body + struct.pack('<I', zlib.crc32(body))
 
 

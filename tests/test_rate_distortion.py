@@ -213,8 +213,9 @@ def test_read_compressai_json_refuses_bad_files(tmp_path, text, match):
 
 
 def test_plot_is_written(tmp_path):
-    curve = report.compressai_results('ours', 'd', [dict(bpp=b, **{'psnr-rgb': p, 'ms-ssim-rgb': None, 'encoding_time': 0,
-                                                             'decoding_time': 0}) for b, p in [(0.2, 30), (0.5, 33)]])
+    points = [dict(bpp=b, **{'psnr-rgb': p, 'ms-ssim-rgb': None, 'encoding_time': 0, 'decoding_time': 0})
+              for b, p in [(0.2, 30), (0.5, 33)]]
+    curve = report.compressai_results('ours', 'd', points)
     curve['role'] = 'model'
     path = tmp_path / 'rd.png'
     report.plot_rd([curve], str(path), title='test')
@@ -302,8 +303,8 @@ def test_evaluate_writes_results_curves_bd_rates_and_plot(tmp_path, image_dir, c
     baseline = [checkpoints.add(BASELINE, q, seed=10 + q) for q in (1, 2)]
     json_path, plot_path = tmp_path / 'out' / 'rd.json', tmp_path / 'out' / 'rd.png'
     summary = report.evaluate_rate_distortion([OURS], ours, str(image_dir), str(json_path), str(plot_path),
-                          anchor='jpeg', classic=('jpeg', 'webp'), baseline_checkpoints=baseline,
-                          classic_settings=SETTINGS)
+                                              anchor='jpeg', classic=('jpeg', 'webp'), baseline_checkpoints=baseline,
+                                              classic_settings=SETTINGS)
     assert json.loads(json_path.read_text()) == json.loads(json.dumps(summary))
     assert summary['images']['names'] == ['a.png', 'sub/b.png']
     by_name = {c['name']: c for c in summary['curves']}
@@ -346,14 +347,15 @@ def test_evaluate_writes_results_curves_bd_rates_and_plot(tmp_path, image_dir, c
 def test_evaluate_reports_an_unavailable_classic_codec(tmp_path, image_dir, checkpoints, monkeypatch):
     monkeypatch.setattr(classic.features, 'check', lambda feature: feature != 'avif')
     ours = [checkpoints.add(OURS, 1, seed=0)]
-    summary = report.evaluate_rate_distortion([], ours, str(image_dir), str(tmp_path / 'rd.json'), classic=('jpeg', 'avif'),
-                          classic_settings=SETTINGS)
+    summary = report.evaluate_rate_distortion([], ours, str(image_dir), str(tmp_path / 'rd.json'),
+                                              classic=('jpeg', 'avif'), classic_settings=SETTINGS)
     assert 'no AVIF support' in summary['unavailable']['avif']
     assert [c['name'] for c in summary['curves']] == [OURS, 'jpeg']
     assert summary['bd_rate'][OURS] is None  # one point: no BD-rate, with the reason
     assert 'at least 3' in summary['bd_rate_notes'][f'{OURS} vs jpeg']
     with pytest.raises(ValueError, match='anchor .avif. is not among the measured curves'):
-        report.evaluate_rate_distortion([], ours, str(image_dir), str(tmp_path / 'rd.json'), anchor='avif', classic=('jpeg', 'avif'))
+        report.evaluate_rate_distortion([], ours, str(image_dir), str(tmp_path / 'rd.json'), anchor='avif',
+                                        classic=('jpeg', 'avif'))
 
 
 def test_evaluate_refuses_inconsistent_checkpoints(tmp_path, image_dir, checkpoints):

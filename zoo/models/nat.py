@@ -34,7 +34,8 @@ class GlobalAttentionRPB(nn.Module):
     """
 
     def __init__(self, dim: int, num_heads: int, input_size: int, qkv_bias: bool = True,
-                 qk_scale: Optional[float] = None, attn_drop: float = 0., proj_drop: float = 0., device=None, dtype=None):
+                 qk_scale: Optional[float] = None, attn_drop: float = 0., proj_drop: float = 0., device=None,
+                 dtype=None):
         super().__init__()
         dd = dict(device=device, dtype=dtype)
         self.num_heads = num_heads
