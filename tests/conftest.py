@@ -1,4 +1,5 @@
 """Shared test helpers: where the parity fixtures live; the Triton interpreter when there is no GPU."""
+import importlib
 import os
 from pathlib import Path
 
@@ -23,7 +24,19 @@ def fixtures_root() -> Path:
     """The fixtures folder; under CI (CI=true) a missing folder is an error, elsewhere the test skips saying why."""
     root = fixtures_path()
     if not root.is_dir():
-        if os.environ.get('CI', '').lower() == 'true':
+        if _under_ci():
             raise RuntimeError(f'parity fixtures not found at {root} (set ZOO_FIXTURES); CI must run them')
         pytest.skip(f'parity fixtures not found at {root}; set ZOO_FIXTURES to run the parity tests')
     return root
+
+
+def _under_ci() -> bool:
+    return os.environ.get('CI', '').lower() == 'true'
+
+
+def require(module: str, install: str):
+    """The optional dependency `module`: imported; without it the test skips saying how to install it, except
+    under CI (CI=true), which installs every extra and so fails instead of silently testing less."""
+    if _under_ci():
+        return importlib.import_module(module)
+    return pytest.importorskip(module, reason=f'{module} is not installed ({install})')

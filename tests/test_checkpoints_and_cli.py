@@ -184,6 +184,23 @@ def _check_codec_entry(entry, folder, out):
     for anchor in classic:
         measured = summary['bd_rate_pairwise'][entry['model']][anchor]
         assert measured == pytest.approx(entry['bd_rate'][anchor], abs=0.5), anchor
+    _check_shipped_rd_report(entry, folder / 'rd.json')
+
+
+def _check_shipped_rd_report(entry, path):
+    """The shipped rd.json holds the manifest's curve, and every manifest BD-rate (the baseline's too, whose codec
+    files are not shipped) is what bd_rate computes from the curves in it."""
+    from zoo.codecs.bd_rate import bd_rate
+    curves = {curve['name']: curve for curve in json.loads(path.read_text())['curves']}
+    ours = curves[entry['model']]
+    assert ours['quality'] == entry['metrics']['quality']
+    for key in ('bpp', 'psnr-rgb', 'ms-ssim-rgb'):
+        assert ours['results'][key] == pytest.approx(entry['metrics'][key], abs=1e-3), key
+    for reference, recorded in entry['bd_rate'].items():
+        anchor = curves[reference]['results']
+        recomputed = bd_rate((anchor['bpp'], anchor['psnr-rgb']), (ours['results']['bpp'], ours['results']['psnr-rgb']),
+                             method='pchip')
+        assert recomputed == pytest.approx(recorded, abs=0.01), reference
 
 
 def test_manifest_lists_trained_checkpoints_with_their_recipe_and_hash():

@@ -8,6 +8,7 @@ import sys
 import pytest
 import torch
 
+from conftest import require
 from zoo.layers.neighborhood import neighborhood_attention_2d
 
 
@@ -29,7 +30,7 @@ def _qkv(batch, heads, height, width, head_dim, seed=0):
     ((1, 2, 14, 11, 16), 3, 3, None),
 ])
 def test_natten_matches_reference(shape, kernel_size, dilation, scale):
-    pytest.importorskip('natten')
+    require('natten', 'pip install --no-build-isolation natten==0.21.7, as the Makefile does')
     q, k, v = _qkv(*shape)
     expected = neighborhood_attention_2d(q, k, v, kernel_size, dilation, scale=scale, backend='torch')
     out = neighborhood_attention_2d(q, k, v, kernel_size, dilation, scale=scale, backend='natten')

@@ -10,12 +10,13 @@ import timm
 import torch
 import torch.nn.functional as F
 
-pytest.importorskip('mmengine')
+from conftest import REPO, fixtures_root, require
+
+require('mmengine', "pip install 'attention-zoo[openmmlab]'")
 from mmengine.config import Config  # noqa: E402
 from mmengine.registry import MODELS  # noqa: E402
 
 import zoo.integrations.openmmlab  # noqa: E402,F401  (registers the backbone types)
-from tests.conftest import REPO, fixtures_root  # noqa: E402
 from tests.families import nat as nat_family  # noqa: E402
 from tests.families import overlock as overlock_family  # noqa: E402
 from tests.families import transnext as transnext_family  # noqa: E402

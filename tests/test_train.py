@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
-from conftest import REPO
+from conftest import REPO, require
 from zoo.tasks import load_recipe
 from zoo.tasks import classification, engine
 
@@ -193,7 +193,7 @@ def test_recipe_optimizers_with_layer_decay(name, expected):
 
 
 def test_wandb_logs_offline_into_the_run_folder(tmp_path):
-    pytest.importorskip('wandb', reason="the wandb extra is not installed (pip install 'attention-zoo[wandb]')")
+    require('wandb', "pip install 'attention-zoo[wandb]'")
     _train(tmp_path, 'logging.wandb=true')
     runs = list((tmp_path / 'logs' / 'wandb').glob('offline-run-*'))
     assert len(runs) == 1 and any(runs[0].glob('*.wandb'))
