@@ -190,11 +190,11 @@ def test_fine_tune_from_a_codec_checkpoint(data_root, tmp_path):
     save_codec(start, tmp_path / 'start.safetensors', 'compressai:bmshj2018-hyperprior', 3,
                {'kwargs': {'N': 8, 'M': 12}})
     module = compression.CompressionModule(_recipe(data_root, f'model.checkpoint={tmp_path / "start.safetensors"}'),
-                                           3, 0.01, 1)
+                                           3, 0.01)
     assert all(torch.equal(v, module.codec.state_dict()[k]) for k, v in start.state_dict().items())
     with pytest.raises(ValueError, match='does not fit'):
         compression.CompressionModule(_recipe(data_root, f'model.checkpoint={tmp_path / "start.safetensors"}',
-                                              'model.M=16'), 3, 0.01, 1)
+                                              'model.M=16'), 3, 0.01)
 
 
 @pytest.mark.parametrize('overrides, error, match', [

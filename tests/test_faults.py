@@ -72,7 +72,7 @@ def _nan_image_batch(batch_size: int = 2, size: int = 32) -> torch.Tensor:
 
 
 def test_classification_stops_on_a_non_finite_batch():
-    module = classification.ClassificationModule(load_recipe(CLASSIFICATION, TINY_CLASSIFICATION), 10, 1)
+    module = classification.ClassificationModule(load_recipe(CLASSIFICATION, TINY_CLASSIFICATION), 10)
     batch = (_nan_image_batch(), torch.tensor([1, 2]), 0)
     with pytest.raises(FloatingPointError, match=r'batch 7 of epoch 0 \(step 0\) holds NaN or infinite input'):
         module.training_step(batch, 7)
@@ -80,7 +80,7 @@ def test_classification_stops_on_a_non_finite_batch():
 
 def test_segmentation_stops_on_a_non_finite_batch():
     recipe = load_recipe(REPO / 'recipes' / 'segmentation' / 'quickstart.yaml', ['data.img_size=32'])
-    module = segmentation.SegmentationModule(recipe, 11, 1)
+    module = segmentation.SegmentationModule(recipe, 11)
     batch = (_nan_image_batch(), torch.zeros(2, 32, 32, dtype=torch.long))
     with pytest.raises(FloatingPointError, match=r'batch 3 of epoch 0 \(step 0\) holds NaN'):
         module.training_step(batch, 3)
@@ -89,7 +89,7 @@ def test_segmentation_stops_on_a_non_finite_batch():
 def test_detection_stops_on_a_non_finite_image(tmp_path):
     recipe = load_recipe(REPO / 'recipes' / 'detection' / 'quickstart.yaml', ['data.train_size=4', 'data.val_size=2'])
     train_set, val_set = detection.build_datasets(recipe, tmp_path / 'data')
-    module = detection.DetectionModule(recipe, train_set.num_classes, 1, val_set)
+    module = detection.DetectionModule(recipe, train_set.num_classes, val_set)
     images, targets = zip(*[train_set[i] for i in range(2)])
     images = [images[0], images[1].clone().fill_(float('inf'))]
     with pytest.raises(FloatingPointError, match=r'batch 5 of epoch 0 \(step 0\) holds NaN or infinite'):
@@ -100,7 +100,7 @@ def test_compression_stops_on_a_non_finite_loss(tmp_path):
     """A finite batch whose loss is not finite (weights already broken): the loss check names the batch."""
     recipe = load_recipe(REPO / 'recipes' / 'compression' / 'quickstart.yaml',
                          ['model.quality=1', 'model.name=compressai:bmshj2018-hyperprior', 'model.N=8', 'model.M=12'])
-    module = compression.CompressionModule(recipe, 1, 0.01, 1)
+    module = compression.CompressionModule(recipe, 1, 0.01)
     with torch.no_grad():
         next(module.codec.g_a.parameters()).fill_(float('nan'))
     with pytest.raises(FloatingPointError, match=r'training loss became nan at step 0 \(epoch 0, batch 4\)'):
@@ -110,7 +110,7 @@ def test_compression_stops_on_a_non_finite_loss(tmp_path):
 def test_compression_stops_on_a_non_finite_batch():
     recipe = load_recipe(REPO / 'recipes' / 'compression' / 'quickstart.yaml',
                          ['model.quality=1', 'model.name=compressai:bmshj2018-hyperprior', 'model.N=8', 'model.M=12'])
-    module = compression.CompressionModule(recipe, 1, 0.01, 1)
+    module = compression.CompressionModule(recipe, 1, 0.01)
     with pytest.raises(FloatingPointError, match=r'batch 2 of epoch 0 \(step 0\) holds NaN'):
         module.training_step(_nan_image_batch(2, 64), 2)
 

@@ -214,7 +214,7 @@ def test_folders_of_the_earlier_segmenter_pt_layout_still_evaluate(tmp_path):
     """Runs written before the artifact format saved RUN/model/segmenter.pt (a torch state dict) beside
     RUN/recipe.yaml; they evaluate as before, through the command too."""
     recipe = load_recipe(QUICKSTART, TINY_RUN)
-    model = segmentation.SegmentationModule(recipe, 11, 1).model
+    model = segmentation.SegmentationModule(recipe, 11).model
     run = tmp_path / 'old_run'
     (run / 'model').mkdir(parents=True)
     torch.save(model.state_dict(), run / 'model' / 'segmenter.pt')

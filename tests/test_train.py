@@ -130,6 +130,55 @@ def test_two_process_ddp_on_cpu(tmp_path):
     assert json.loads((tmp_path / 'e.json').read_text())['top1'] == pytest.approx(metrics['val_top1'], abs=1e-9)
 
 
+_KILL_RANK_ONE = """
+import os, signal, sys
+import pytorch_lightning as pl
+from zoo import cli
+from zoo.tasks import engine
+
+class KillRankOne(pl.Callback):
+    # SIGKILL, no clean-up: what an out-of-memory kill or a lost node does to one process of the job
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_rank == 1 and trainer.global_step == {step}:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+build = engine.build_trainer
+def build_with_kill(*args, **kwargs):
+    trainer = build(*args, **kwargs)
+    trainer.callbacks.append(KillRankOne())
+    return trainer
+
+engine.build_trainer = build_with_kill
+sys.exit(cli.main(sys.argv[1:]))
+"""
+
+
+def test_ddp_job_with_a_killed_process_resumes_to_the_uninterrupted_weights(tmp_path):
+    """Two gloo DDP processes; rank 1 is SIGKILLed mid-epoch (after the step-2 checkpoint, 6 steps per epoch). The
+    launcher takes the job down, `--resume` continues from the last checkpoint, and the final weights equal those
+    of a run that was never interrupted: data position, optimizer and schedule all come back on both ranks."""
+    ddp = [*[a for kv in TINY_RUN for a in ('--set', kv)], '--set', 'data.train_size=96', '--set', 'data.batch_size=8',
+           '--set', 'schedule.epochs=2', '--set', 'trainer.checkpoint_every_steps=2', '--set', 'trainer.devices=2',
+           '--set', 'trainer.strategy=ddp', '--set', 'trainer.accelerator=cpu', '--set', 'aug.hflip=0',
+           '--set', 'aug.scale=[1.0,1.0]', '--set', 'aug.train_interpolation=bilinear']
+    whole = _zoo('train', str(QUICKSTART), '--output', str(tmp_path / 'whole'), *ddp)
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    script = tmp_path / 'kill_rank_one.py'
+    script.write_text(_KILL_RANK_ONE.format(step=3))
+    killed = subprocess.run([sys.executable, str(script), 'train', str(QUICKSTART), '--output', str(tmp_path / 'run'),
+                             *ddp], capture_output=True, text=True, timeout=300)
+    assert killed.returncode != 0
+    assert torch.load(tmp_path / 'run' / 'checkpoints' / 'last.ckpt', weights_only=True)['global_step'] == 2
+    assert not (tmp_path / 'run' / 'model').exists()
+    resumed = _zoo('train', str(QUICKSTART), '--output', str(tmp_path / 'run'), '--resume', *ddp)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    expected = load_file(str(tmp_path / 'whole' / 'model' / 'model.safetensors'))
+    got = load_file(str(tmp_path / 'run' / 'model' / 'model.safetensors'))
+    assert expected.keys() == got.keys()
+    for key in expected:
+        torch.testing.assert_close(got[key], expected[key], rtol=0, atol=1e-6, msg=key)
+
+
 class _Killed(Exception):
     pass
 
@@ -176,7 +225,7 @@ def test_resume_mid_epoch_continues_at_the_data_position(tmp_path, monkeypatch):
 def test_recipe_optimizers_with_layer_decay(name, expected):
     """optim.name picks timm's optimizer; layer_decay scales each layer group's lr by decay ** depth-from-top."""
     recipe = load_recipe(QUICKSTART, [*TINY_RUN, f'optim.name={name}', 'optim.layer_decay=0.5', 'optim.lr=0.01'])
-    module = classification.ClassificationModule(recipe, num_classes=10, updates_per_epoch=3)
+    module = classification.ClassificationModule(recipe, num_classes=10)
     optimizer = module.configure_optimizers()
     assert type(optimizer).__name__ == expected
     scales = sorted({group['lr_scale'] for group in optimizer.param_groups})
@@ -215,7 +264,7 @@ def test_aux_weight_trains_the_auxiliary_head(tmp_path):
                     'sub_num_heads: [2, 2], projection: 64}\n'
                     'data: {name: shapes, img_size: 64}\nloss: {aux_weight: 0.4}\n')
     recipe = load_recipe(path)
-    module = classification.ClassificationModule(recipe, num_classes=10, updates_per_epoch=1)
+    module = classification.ClassificationModule(recipe, num_classes=10)
     images, labels = torch.randn(2, 3, 64, 64), torch.tensor([1, 7])
     loss, parts = module._training_loss(images, labels)
     logits, aux = module.model.forward_with_aux(images)
@@ -225,4 +274,14 @@ def test_aux_weight_trains_the_auxiliary_head(tmp_path):
     loss.backward()
     assert all(p.grad is not None for p in module.model.aux_head.parameters())
     with pytest.raises(ValueError, match='nat_mini has no auxiliary head'):
-        classification.ClassificationModule(load_recipe(QUICKSTART, [*TINY_RUN, 'loss.aux_weight=0.4']), 10, 1)
+        classification.ClassificationModule(load_recipe(QUICKSTART, [*TINY_RUN, 'loss.aux_weight=0.4']), 10)
+
+
+def test_updates_per_epoch_count_each_process_share():
+    """Under DDP every process draws 1/world of the data per epoch, so the per-update lr schedule must count the
+    updates of one process (counting the whole set stretched the schedule by the process count)."""
+    recipe = load_recipe(QUICKSTART, [*TINY_RUN, 'data.batch_size=8', 'trainer.accumulate=2'])
+    train_set, val_set, _ = classification.build_datasets(recipe)
+    data = engine.RunData(recipe, train_set, val_set)
+    assert len(train_set) == 48
+    assert [data.batches_per_epoch(world) for world in (1, 2, 5)] == [6, 3, 1]  # 5 processes: 10 each (padded)

@@ -263,7 +263,9 @@ def _read_tree(path: Path, seen: tuple = ()) -> Dict:
     if not path.is_file():
         raise RecipeError(f'recipe not found: {path}')
     try:
-        raw = _yaml(path.read_text()) or {}
+        raw = _yaml(path.read_text(encoding='utf-8')) or {}
+    except UnicodeDecodeError as err:
+        raise RecipeError(f'{path}: not a text file (recipes are UTF-8 YAML): {err}') from None
     except yaml.YAMLError as err:
         raise RecipeError(f'{path}: not valid YAML: {err}') from None
     if not isinstance(raw, dict):

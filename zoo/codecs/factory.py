@@ -113,7 +113,7 @@ def load_codec(path) -> Tuple[CompressionModel, Dict]:
     codec = create_codec(record['model'], record.get('quality'), **record['kwargs'])
     try:
         codec.load_state_dict(tensors)  # CompressionModel resizes its CDF buffers to the stored tables first
-    except RuntimeError as err:
+    except (RuntimeError, KeyError) as err:  # CompressionModel reads its table buffers by name: a KeyError
         raise ValueError(f'{path}: the weights do not fit {record["model"]} {record["kwargs"]}: {err}') from None
     mark_tables_current(codec)
     return codec.eval(), record

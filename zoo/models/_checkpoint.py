@@ -66,7 +66,7 @@ def read_state_dict(path: Union[str, Path], use_ema: bool = True) -> Dict[str, t
             checkpoint = torch.load(str(path), map_location='cpu', weights_only=True)
     except PermissionError:
         raise
-    except (SafetensorError, pickle.UnpicklingError, EOFError, RuntimeError, OSError) as error:
+    except (SafetensorError, pickle.UnpicklingError, EOFError, RuntimeError, OSError, UnicodeDecodeError) as error:
         # torch reports a truncated zip archive as OSError (EINVAL); an unreadable file stays a PermissionError
         raise ValueError(f'{path}: not a readable weights file (truncated, another format, or pickled objects '
                          f'that weights_only loading refuses): {error}') from error

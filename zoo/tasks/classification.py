@@ -4,7 +4,6 @@ The task talks to any backbone through timm's contract only; data comes from an 
 built-in shapes set, transformed with timm's train/eval transforms.
 """
 import argparse
-import math
 import pickle
 from pathlib import Path
 from typing import Dict, Optional, Tuple
@@ -17,7 +16,6 @@ from timm.data import Mixup, create_transform, resolve_data_config
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from timm.utils import ModelEmaV3
 from torch.utils.data import DataLoader, Dataset, default_collate
-from torchdata.stateful_dataloader import StatefulDataLoader
 
 from zoo.data.folder import UNREADABLE, SafeImageFolder
 from zoo.data.shapes import ShapesClassification
@@ -25,7 +23,7 @@ from zoo.manifest import verify_listed_checkpoint
 from zoo.recipes import Recipe
 from zoo.tasks.artifact import CONFIG_FILE, WEIGHTS_FILE, read_config
 from zoo.tasks.distill import DistillConfig, DistillLoss
-from zoo.tasks.engine import Monitor, TaskModule, fit, start_run
+from zoo.tasks.engine import Monitor, RunData, TaskModule, fit, start_run
 from zoo.tasks.phases import train_phases
 from zoo.tasks.protocol import Task
 
@@ -100,8 +98,8 @@ def build_datasets(recipe: Recipe, train_transform=None, val_transform=None) -> 
 class ClassificationModule(TaskModule):
     """A timm model trained with mixup/cutmix, label smoothing, layer decay, EMA and a per-step LR schedule."""
 
-    def __init__(self, recipe: Recipe, num_classes: int, updates_per_epoch: int, run_dir: Optional[Path] = None):
-        super().__init__(recipe, updates_per_epoch, run_dir)
+    def __init__(self, recipe: Recipe, num_classes: int, run_dir: Optional[Path] = None):
+        super().__init__(recipe, run_dir)
         self.model = build_model(recipe, num_classes)
         if recipe.loss.aux_weight:
             self._enable_auxiliary_output()
@@ -209,17 +207,6 @@ class ClassificationModule(TaskModule):
         self.skipped_images = checkpoint.get('zoo_skipped_images', 0)
 
 
-def _loader(dataset: Dataset, recipe: Recipe, train: bool) -> DataLoader:
-    """The training loader is stateful (its sampler position goes into every checkpoint), so `--resume` from a
-    mid-epoch checkpoint continues with the next unseen batch instead of replaying the epoch."""
-    d = recipe.data
-    batch_size = d.batch_size if train else (d.eval_batch_size or d.batch_size)
-    loader_class = StatefulDataLoader if train else DataLoader
-    return loader_class(dataset, batch_size=batch_size, shuffle=train, num_workers=d.workers, drop_last=train,
-                        collate_fn=skip_unreadable_collate, persistent_workers=d.workers > 0,
-                        pin_memory=torch.cuda.is_available())
-
-
 def export_model(model: nn.Module, config: Dict, folder: Path, label_names=None) -> Path:
     """Final weights in timm's local-dir format (model.safetensors + config.json with the data config)."""
     model.pretrained_cfg = dict(model.pretrained_cfg, **{k: config[k] for k in
@@ -243,19 +230,18 @@ def train(recipe: Recipe, output: str, resume: Optional[str] = None) -> Dict[str
     config = data_config(recipe, probe)
     del probe
     train_set, val_set, num_classes = build_datasets(recipe, *_transforms(recipe, config))
-    train_loader, val_loader = _loader(train_set, recipe, True), _loader(val_set, recipe, False)
-    updates = max(1, math.ceil(len(train_loader) / recipe.trainer.accumulate))
-    module = ClassificationModule(recipe, num_classes, updates, run_dir=out)
+    data = RunData(recipe, train_set, val_set, skip_unreadable_collate)
+    module = ClassificationModule(recipe, num_classes, run_dir=out)
 
     def summarize(trainer) -> Dict:
-        final = trainer.validate(module, val_loader, verbose=False)[0]
+        final = trainer.validate(module, datamodule=data, verbose=False)[0]
         return {'val_top1': final['val_top1'], 'val_top5': final['val_top5'], 'val_loss': final['val_loss'],
                 'skipped_images': module.skipped_images}
 
     def export(folder: Path) -> None:
         export_model(module._eval_model(), config, folder, getattr(train_set, 'classes', None))
 
-    return fit(module, recipe, out, train_loader, val_loader, Monitor('val_top1', 'max'), resume, export, summarize)
+    return fit(module, recipe, out, data, Monitor('val_top1', 'max'), resume, export, summarize)
 
 
 def evaluate(model: nn.Module, dataset: Dataset, batch_size: int = 128, workers: int = 2) -> Dict[str, float]:
@@ -321,7 +307,7 @@ def load_model(checkpoint: Optional[str], model_name: Optional[str], num_classes
     if path is not None:
         verify_listed_checkpoint(path)
     if path is not None and path.is_dir():
-        read_config(path)  # a damaged config.json is one clear error, not a failure inside timm
+        _check_model_config(path)
         return _read_weights_through_timm(path / WEIGHTS_FILE, f'local-dir:{path}', pretrained=True)
     if not model_name:
         raise ValueError('--model is required unless --checkpoint is a model folder (config.json + weights)')
@@ -332,6 +318,17 @@ def load_model(checkpoint: Optional[str], model_name: Optional[str], num_classes
                                       pretrained_cfg_overlay=dict(file=str(path), **kwargs), **kwargs)
 
 
+def _check_model_config(folder: Path) -> None:
+    """A damaged config.json is one clear error, not a failure inside timm's loader."""
+    config = read_config(folder)
+    architecture = config.get('architecture')
+    if not isinstance(architecture, str) or not timm.is_model(architecture):
+        raise ValueError(f'{folder / CONFIG_FILE}: "architecture" must name a registered model, got {architecture!r}')
+    for key in ('pretrained_cfg', 'model_args'):
+        if not isinstance(config.get(key, {}), dict):
+            raise ValueError(f'{folder / CONFIG_FILE}: "{key}" must be a JSON object, got {config[key]!r:.80}')
+
+
 def _read_weights_through_timm(weights: Path, name: str, **kwargs) -> nn.Module:
     """timm.create_model(name, **kwargs), whose weights file `weights` may be damaged: its reader's errors become one
     ValueError naming the file (the pretrained-file path never unpickles code: timm loads with weights_only)."""
@@ -339,6 +336,9 @@ def _read_weights_through_timm(weights: Path, name: str, **kwargs) -> nn.Module:
         return timm.create_model(name, **kwargs)
     except (SafetensorError, EOFError, pickle.UnpicklingError) as err:
         raise ValueError(f'{weights}: not a readable weights file (truncated or corrupt?): {err}') from None
+    except (TypeError, KeyError, AttributeError, AssertionError) as err:  # a configuration timm cannot build
+        raise ValueError(f'{name}: the model cannot be built with the configuration given ({type(err).__name__}: '
+                         f'{err})') from None
     except RuntimeError as err:
         if 'PytorchStreamReader' not in str(err) and 'Error(s) in loading state_dict' not in str(err):
             raise

@@ -32,8 +32,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from pytorch_msssim import ms_ssim
-from torch.utils.data import DataLoader, Dataset
-from torchdata.stateful_dataloader import StatefulDataLoader
+from torch.utils.data import Dataset
 
 from zoo.codecs.bitstream import padded_input, to_uint8
 from zoo.codecs.factory import COMPRESSAI_PREFIX, compressai_architecture, create_codec, load_codec, save_codec
@@ -41,7 +40,7 @@ from zoo.codecs.metrics import MS_SSIM_MIN_SIDE, estimated_bpp, evaluate_codec, 
 from zoo.data.images import image_files, load_rgb
 from zoo.data.photos import RandomCropDataset, photo_names, photo_path
 from zoo.recipes import Recipe, RecipeError, timm_constructor_arguments
-from zoo.tasks.engine import Monitor, TaskModule, fit, start_run, write_metrics
+from zoo.tasks.engine import Monitor, RunData, TaskModule, fit, start_run, write_metrics
 from zoo.tasks.protocol import Task
 
 __all__ = ['LAMBDAS', 'METRICS', 'resolve_lambda', 'rate_distortion_loss', 'CompressionModule', 'train', 'TASK']
@@ -132,9 +131,8 @@ class CompressionModule(TaskModule):
     the per-update LR schedule and `trainer.checkpoint_every_steps` mean the same as in the other tasks.
     """
 
-    def __init__(self, recipe: Recipe, quality: int, lmbda: float, updates_per_epoch: int,
-                 run_dir: Optional[Path] = None):
-        super().__init__(recipe, updates_per_epoch, run_dir)
+    def __init__(self, recipe: Recipe, quality: int, lmbda: float, run_dir: Optional[Path] = None):
+        super().__init__(recipe, run_dir)
         self.automatic_optimization = False
         self.quality = quality
         self.lmbda = lmbda
@@ -235,11 +233,9 @@ def _train_quality(recipe: Recipe, output: str, resume: Optional[str]) -> Dict:
     out = start_run(recipe, output)
     train_files, test_files, cache = _data_files(recipe)
     d = recipe.data
-    train_loader = StatefulDataLoader(RandomCropDataset(train_files, d.img_size, d.train_size, cache=cache),
-                                      batch_size=d.batch_size, shuffle=True, drop_last=True, num_workers=d.workers,
-                                      persistent_workers=d.workers > 0)
-    val_loader = DataLoader(_WholeImages(test_files), batch_size=1, num_workers=0)
-    module = CompressionModule(recipe, quality, lmbda, len(train_loader), run_dir=out)
+    crops = RandomCropDataset(train_files, d.img_size, d.train_size, cache=cache)
+    data = RunData(recipe, crops, _WholeImages(test_files), val_batch_size=1, val_workers=0)
+    module = CompressionModule(recipe, quality, lmbda, run_dir=out)
     _check_training_setup(recipe, module.codec)
 
     def summarize(trainer) -> Dict:
@@ -257,7 +253,7 @@ def _train_quality(recipe: Recipe, output: str, resume: Optional[str]) -> Dict:
                     'recipe': recipe.path, 'test_bpp': held_out['bpp'], 'test_psnr': held_out['psnr']})
         return {**{f'test_{key}': value for key, value in held_out.items()}, 'checkpoint': str(checkpoint)}
 
-    return fit(module, recipe, out, train_loader, val_loader, Monitor('val_loss', 'min'), resume, export, summarize)
+    return fit(module, recipe, out, data, Monitor('val_loss', 'min'), resume, export, summarize)
 
 
 def train(recipe: Recipe, output: str, resume: Optional[str] = None) -> Dict:

@@ -9,7 +9,6 @@ checkpoint (`backbone.` prefix stripped, then the family's `checkpoint_filter_fn
 """
 import contextlib
 import io
-import math
 import sys
 from collections import OrderedDict
 from pathlib import Path
@@ -33,7 +32,7 @@ from zoo.data.coco import CocoInstances, detection_collate, shapes_coco
 from zoo.models import read_state_dict
 from zoo.recipes import Recipe, RecipeError
 from zoo.tasks.artifact import CONFIG_FILE, WEIGHTS_FILE, load_weights, read_config, save_weights, write_config
-from zoo.tasks.engine import Monitor, TaskModule, backbone_no_weight_decay, fit, start_run
+from zoo.tasks.engine import Monitor, RunData, TaskModule, backbone_no_weight_decay, fit, start_run
 from zoo.tasks.protocol import Task
 
 __all__ = ['ARCHS', 'HeadConfig', 'FeaturePyramidBackbone', 'load_backbone_weights', 'build_detector',
@@ -282,9 +281,8 @@ def evaluate(detector: nn.Module, dataset: CocoInstances, batch_size: int = 8, w
 class DetectionModule(TaskModule):
     """A detector trained with the summed torchvision losses, timm's optimizer (AdamW) and per-step schedule."""
 
-    def __init__(self, recipe: Recipe, num_classes: int, updates_per_epoch: int, val_set: CocoInstances,
-                 run_dir: Optional[Path] = None):
-        super().__init__(recipe, updates_per_epoch, run_dir)
+    def __init__(self, recipe: Recipe, num_classes: int, val_set: CocoInstances, run_dir: Optional[Path] = None):
+        super().__init__(recipe, run_dir)
         self.val_set = val_set
         self.detector = build_detector(recipe.model.name, num_classes, recipe.head, recipe.model.kwargs,
                                        recipe.model.checkpoint, **_norm(recipe))
@@ -361,13 +359,6 @@ def build_datasets(recipe: Recipe, data_dir: Path) -> Tuple[CocoInstances, CocoI
     return train_set, val_set
 
 
-def _loader(dataset, recipe: Recipe, train: bool) -> DataLoader:
-    d = recipe.data
-    batch_size = d.batch_size if train else (d.eval_batch_size or d.batch_size)
-    return DataLoader(dataset, batch_size=batch_size, shuffle=train, num_workers=d.workers, drop_last=train,
-                      collate_fn=detection_collate, persistent_workers=d.workers > 0)
-
-
 def save_detector(detector: nn.Module, folder: Path, config: Dict[str, Any]) -> Path:
     """Final weights as folder/model.safetensors + folder/config.json (everything load_detector needs)."""
     save_weights(folder, detector.state_dict())
@@ -408,12 +399,11 @@ def train(recipe: Recipe, output: str, resume: Optional[str] = None) -> Dict[str
     """Train the recipe's detector; writes the run folder (zoo.tasks.engine) plus DIR/model, returns the metrics."""
     out = start_run(recipe, output)
     train_set, val_set = build_datasets(recipe, out / 'data')
-    train_loader, val_loader = _loader(train_set, recipe, True), _loader(val_set, recipe, False)
-    updates = max(1, math.ceil(len(train_loader) / recipe.trainer.accumulate))
-    module = DetectionModule(recipe, train_set.num_classes, updates, val_set, run_dir=out)
+    data = RunData(recipe, train_set, val_set, detection_collate)
+    module = DetectionModule(recipe, train_set.num_classes, val_set, run_dir=out)
 
     def summarize(trainer) -> Dict:
-        final = trainer.validate(module, val_loader, verbose=False)[0]
+        final = trainer.validate(module, datamodule=data, verbose=False)[0]
         return {k[len('val_'):]: v for k, v in final.items() if k.startswith('val_')}
 
     def export(folder: Path) -> None:
@@ -421,8 +411,7 @@ def train(recipe: Recipe, output: str, resume: Optional[str] = None) -> Dict[str
                       classes=train_set.classes, head=HeadConfig(recipe.head).to_dict(), **_norm(recipe))
         save_detector(module.detector, folder, config)
 
-    return fit(module, recipe, out, train_loader, val_loader, Monitor('val_bbox_mAP', 'max'), resume, export,
-               summarize)
+    return fit(module, recipe, out, data, Monitor('val_bbox_mAP', 'max'), resume, export, summarize)
 
 
 def _check_recipe(recipe: Recipe) -> None:

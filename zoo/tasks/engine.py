@@ -14,6 +14,7 @@ finite-loss checks and logging live here), then calls `fit`. Run folder layout (
 import importlib.util
 import io
 import json
+import math
 import os
 import time
 import warnings
@@ -27,13 +28,16 @@ from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
 from pytorch_lightning.callbacks import Callback, ModelCheckpoint
 from timm.optim import create_optimizer_v2
 from timm.scheduler import create_scheduler_v2
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torchdata.stateful_dataloader import StatefulDataLoader
+from torchdata.stateful_dataloader.sampler import StatefulDistributedSampler
 
 from zoo.files import atomic_write_bytes
 from zoo.recipes import Recipe, save_recipe
 from zoo.tasks import artifact
 
-__all__ = ['Monitor', 'TaskModule', 'start_run', 'fit', 'build_trainer', 'write_metrics', 'resume_checkpoint',
-           'check_finite_loss', 'check_finite_batch', 'create_optimizer', 'create_scheduler',
+__all__ = ['Monitor', 'TaskModule', 'start_run', 'RunData', 'fit', 'build_trainer', 'write_metrics',
+           'resume_checkpoint', 'check_finite_loss', 'check_finite_batch', 'create_optimizer', 'create_scheduler',
            'backbone_no_weight_decay', 'AtomicCheckpointIO', 'PREVIOUS_LAST']
 
 PREVIOUS_LAST = 'last.previous.ckpt'
@@ -144,6 +148,7 @@ def build_trainer(recipe: Recipe, out: Path, monitor: Monitor, lightning_clips: 
         enable_model_summary=False,
         default_root_dir=str(out),
         plugins=[AtomicCheckpointIO()],
+        use_distributed_sampler=False,  # RunData shards the data itself, with a seeded, resumable order
         log_every_n_steps=10,
         num_sanity_val_steps=0,
     )
@@ -233,10 +238,9 @@ class TaskModule(pl.LightningModule):
     scheduler = None
     _scheduler_state = None  # restored by on_load_checkpoint, applied once the scheduler exists
 
-    def __init__(self, recipe: Recipe, updates_per_epoch: int, run_dir: Optional[Path] = None):
+    def __init__(self, recipe: Recipe, run_dir: Optional[Path] = None):
         super().__init__()
         self.recipe = recipe
-        self.updates_per_epoch = updates_per_epoch
         self.run_dir = run_dir
         self.fit_seconds = 0.0
 
@@ -246,11 +250,20 @@ class TaskModule(pl.LightningModule):
     def optimizer_overrides(self) -> Dict[str, Any]:
         return {}
 
+    def updates_per_epoch(self) -> int:
+        """Optimizer updates per epoch on each process (1 without a trainer). Counted from the run's RunData, not
+        from Lightning's estimated_stepping_batches: asking that here would build the training loader before a
+        resumed run restores its position, and the run would replay the epoch from its start."""
+        data = getattr(self._trainer, 'datamodule', None)
+        if not isinstance(data, RunData):
+            return 1
+        return max(1, math.ceil(data.batches_per_epoch(self.trainer.world_size) / self.recipe.trainer.accumulate))
+
     def create_main_optimizer(self) -> torch.optim.Optimizer:
         """The recipe's optimizer over parameter_groups(), with the schedule attached as `self.scheduler`."""
         world_size = self.trainer.world_size if self._trainer is not None else 1
         optimizer = create_optimizer(self.parameter_groups(), self.recipe, world_size, **self.optimizer_overrides())
-        self.scheduler = create_scheduler(optimizer, self.recipe, self.updates_per_epoch)
+        self.scheduler = create_scheduler(optimizer, self.recipe, self.updates_per_epoch())
         if self.scheduler is not None:  # sched 'none' keeps the optimizer's lr
             self.scheduler.step_update(self.global_step)
         return optimizer
@@ -293,23 +306,65 @@ class TaskModule(pl.LightningModule):
         self.scheduler.step_update(self.global_step)
 
 
-def fit(module: TaskModule, recipe: Recipe, out: Path, train_loader, val_loader, monitor: Monitor,
-        resume: Optional[str], export: Callable[[Path], Optional[Dict[str, Any]]],
-        summarize: Callable[[pl.Trainer], Dict[str, Any]]) -> Dict[str, Any]:
-    """Train `module` and finish the run folder; returns the final metrics.
+class RunData(pl.LightningDataModule):
+    """The data of a run: the loaders are built once the trainer knows its processes (rank, world size).
 
-    train_loader must yield at least one batch (a training set smaller than one batch is refused before training,
-    since drop_last would make every epoch empty). After training, `summarize(trainer)` (every process) gives the
-    metrics and, on the global-zero process only, `export(out / 'model')` writes the task's artifact and may return
-    more metrics; the artifact's config.json then records the task, recipe and metrics, and metrics.json is written.
+    The training loader is stateful (torchdata's StatefulDataLoader: its position goes into every checkpoint, so
+    `--resume` from a mid-epoch checkpoint continues with the next unseen batch) over a distributed sampler of our
+    own (a plain shuffle on one process) seeded with trainer.seed: every epoch's order is a function of the seed and
+    the epoch only, so a resumed job, single- or multi-process, sees what an uninterrupted one would have seen.
+    Incomplete batches are dropped. Validation is sharded over the processes in order (the tasks reduce their
+    metrics over the shards).
     """
-    if len(train_loader) == 0:
+
+    def __init__(self, recipe: Recipe, train_set: Dataset, val_set: Dataset, collate_fn: Optional[Callable] = None,
+                 val_batch_size: Optional[int] = None, val_workers: Optional[int] = None):
+        super().__init__()
+        self.recipe, self.train_set, self.val_set, self.collate_fn = recipe, train_set, val_set, collate_fn
+        self.val_batch_size = val_batch_size or recipe.data.eval_batch_size or recipe.data.batch_size
+        self.val_workers = recipe.data.workers if val_workers is None else val_workers
+
+    def batches_per_epoch(self, world_size: int) -> int:
+        """Training batches each of `world_size` processes draws per epoch (the sampler pads the data to a multiple of
+        the process count; incomplete batches are dropped)."""
+        return math.ceil(len(self.train_set) / world_size) // self.recipe.data.batch_size
+
+    def _processes(self) -> Dict[str, int]:
+        trainer = self.trainer  # set by Lightning before it asks for the loaders
+        return dict(num_replicas=trainer.world_size if trainer else 1, rank=trainer.global_rank if trainer else 0)
+
+    def train_dataloader(self) -> StatefulDataLoader:
+        d = self.recipe.data
+        sampler = StatefulDistributedSampler(self.train_set, shuffle=True, seed=self.recipe.trainer.seed,
+                                             **self._processes())
+        return StatefulDataLoader(self.train_set, batch_size=d.batch_size, sampler=sampler, drop_last=True,
+                                  num_workers=d.workers, persistent_workers=d.workers > 0, collate_fn=self.collate_fn,
+                                  pin_memory=torch.cuda.is_available())
+
+    def val_dataloader(self) -> DataLoader:
+        sampler = DistributedSampler(self.val_set, shuffle=False, **self._processes())
+        return DataLoader(self.val_set, batch_size=self.val_batch_size, sampler=sampler, num_workers=self.val_workers,
+                          persistent_workers=self.val_workers > 0, collate_fn=self.collate_fn,
+                          pin_memory=torch.cuda.is_available())
+
+
+def fit(module: TaskModule, recipe: Recipe, out: Path, data: RunData, monitor: Monitor, resume: Optional[str],
+        export: Callable[[Path], Optional[Dict[str, Any]]],
+        summarize: Callable[[pl.Trainer], Dict[str, Any]]) -> Dict[str, Any]:
+    """Train `module` on `data` and finish the run folder; returns the final metrics.
+
+    A training set smaller than one batch is refused before training (incomplete batches are dropped, so every
+    epoch would be empty). After training, `summarize(trainer)` (every process) gives the metrics and, on the
+    global-zero process only, `export(out / 'model')` writes the task's artifact and may return more metrics; the
+    artifact's config.json then records the task, recipe and metrics, and metrics.json is written.
+    """
+    if len(data.train_set) < recipe.data.batch_size:
         raise ValueError(f'the training set makes no full batch: data.batch_size={recipe.data.batch_size} is larger '
-                         f'than the {len(train_loader.dataset)} training samples (the last partial batch is '
-                         f'dropped); lower data.batch_size or add data')
+                         f'than the {len(data.train_set)} training samples (incomplete batches are dropped); lower '
+                         f'data.batch_size or add data')
     trainer = build_trainer(recipe, out, monitor, lightning_clips=module.automatic_optimization)
     resume = resume_checkpoint(resume, out)
-    trainer.fit(module, train_loader, val_loader, ckpt_path=resume, weights_only=True)  # never unpickle objects
+    trainer.fit(module, datamodule=data, ckpt_path=resume, weights_only=True)  # never unpickle objects
     metrics = dict(summarize(trainer), epochs=trainer.current_epoch, seconds=round(module.fit_seconds, 1))
     if trainer.is_global_zero:
         folder = out / 'model'

@@ -12,7 +12,6 @@ Recipe keys used: `model` (name, constructor kwargs, `checkpoint` = classificati
 import argparse
 import dataclasses
 import inspect
-import math
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -21,13 +20,13 @@ import timm
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 
 from zoo.data.segmentation import MaskFolder, SegTransform, ShapesSegmentation, ade20k_folders
 from zoo.manifest import verify_listed_checkpoint
 from zoo.recipes import Recipe, RecipeError, recipe_to_dict
 from zoo.tasks.artifact import CONFIG_FILE, WEIGHTS_FILE, load_weights, read_config, save_weights, write_config
-from zoo.tasks.engine import Monitor, TaskModule, backbone_no_weight_decay, fit, start_run
+from zoo.tasks.engine import Monitor, RunData, TaskModule, backbone_no_weight_decay, fit, start_run
 from zoo.tasks.protocol import Task
 
 __all__ = ['ARCHITECTURES', 'Segmenter', 'build_segmenter', 'decoder_arguments', 'check_batch', 'confusion_matrix',
@@ -232,8 +231,8 @@ def check_batch(images: torch.Tensor, in_chans: int = 3, multiple: int = 32) -> 
 class SegmentationModule(TaskModule):
     """An smp segmenter trained with pixel cross-entropy (ignore_index) and a per-step timm schedule."""
 
-    def __init__(self, recipe: Recipe, num_classes: int, updates_per_epoch: int, run_dir: Optional[Path] = None):
-        super().__init__(recipe, updates_per_epoch, run_dir)
+    def __init__(self, recipe: Recipe, num_classes: int, run_dir: Optional[Path] = None):
+        super().__init__(recipe, run_dir)
         self.num_classes = num_classes
         self.model = _segmenter_from_recipe(recipe, num_classes)
         self._confusion = torch.zeros(num_classes, num_classes, dtype=torch.int64)
@@ -264,13 +263,6 @@ class SegmentationModule(TaskModule):
         confusion = self.trainer.strategy.reduce(self._confusion, reduce_op='sum')
         self.log_dict({f'val_{k}': v for k, v in segmentation_metrics(confusion).items()}, prog_bar=True,
                       batch_size=1)
-
-
-def _loader(dataset: Dataset, recipe: Recipe, train: bool) -> DataLoader:
-    d = recipe.data
-    return DataLoader(dataset, batch_size=d.batch_size if train else (d.eval_batch_size or d.batch_size),
-                      shuffle=train, drop_last=train, num_workers=d.workers, persistent_workers=d.workers > 0,
-                      pin_memory=torch.cuda.is_available())
 
 
 def save_segmenter(segmenter: Segmenter, folder: Path, recipe: Recipe, num_classes: int) -> Path:
@@ -339,19 +331,18 @@ def train(recipe: Recipe, output: str, resume: Optional[str] = None) -> Dict[str
     """
     out = start_run(recipe, output)
     train_set, val_set, num_classes = build_datasets(recipe)
-    train_loader, val_loader = _loader(train_set, recipe, True), _loader(val_set, recipe, False)
-    updates = max(1, math.ceil(len(train_loader) / recipe.trainer.accumulate))
-    module = SegmentationModule(recipe, num_classes, updates, run_dir=out)
+    data = RunData(recipe, train_set, val_set)
+    module = SegmentationModule(recipe, num_classes, run_dir=out)
 
     def summarize(trainer) -> Dict:
-        final = trainer.validate(module, val_loader, verbose=False)[0]
+        final = trainer.validate(module, datamodule=data, verbose=False)[0]
         return {'val_mIoU': final['val_mIoU'], 'val_mAcc': final['val_mAcc'], 'val_aAcc': final['val_aAcc'],
                 'num_classes': num_classes}
 
     def export(folder: Path) -> None:
         save_segmenter(module.model, folder, recipe, num_classes)
 
-    return fit(module, recipe, out, train_loader, val_loader, Monitor('val_mIoU', 'max'), resume, export, summarize)
+    return fit(module, recipe, out, data, Monitor('val_mIoU', 'max'), resume, export, summarize)
 
 
 def evaluate(checkpoint: str, data_root: Optional[str] = None, batch_size: Optional[int] = None, workers: int = 0,
