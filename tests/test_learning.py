@@ -25,10 +25,11 @@ def _epoch_losses(run: Path, column: str = 'train_loss_epoch') -> List[float]:
 
 
 def test_classification_learns_the_shapes(tmp_path):
-    """A small NAT, 8 epochs of 2000 32x32 shapes: measured 20 s, loss 2.2 -> 1.6, val top-1 41.5 % (10 classes)."""
+    """A small NAT, 8 epochs of 2000 32x32 shapes: measured 20 s, loss 2.3 -> 1.35, val top-1 47.5 % (10 classes).
+    (At lr 2e-3 this run diverges after three epochs.)"""
     recipe = load_recipe(RECIPES / 'classification' / 'quickstart.yaml', [
         'data.train_size=2000', 'data.val_size=200', 'data.img_size=32', 'data.batch_size=32', 'data.workers=0',
-        'schedule.epochs=8', 'schedule.warmup_epochs=1', 'optim.lr=0.002', 'model.embed_dim=32',
+        'schedule.epochs=8', 'schedule.warmup_epochs=1', 'optim.lr=0.001', 'model.embed_dim=32',
         'model.depths=[1,1,1,1]', 'model.num_heads=[1,2,2,4]', 'model.kernel_size=3', 'aug.scale=[1.0,1.0]',
         'loss.smoothing=0'])
     metrics = classification.train(recipe, str(tmp_path))
