@@ -14,6 +14,15 @@ if not torch.cuda.is_available():
 
 REPO = Path(__file__).resolve().parents[1]
 
+# Half precisions a Triton kernel test runs in: bf16 only on a GPU, since the Triton interpreter's tl.dot multiplies
+# bf16 bit patterns as integers.
+TRITON_HALF_DTYPES = [
+    torch.float16,
+    pytest.param(torch.bfloat16, marks=pytest.mark.skipif(
+        not torch.cuda.is_available(),
+        reason="the Triton interpreter's tl.dot multiplies bf16 bit patterns as integers")),
+]
+
 
 def fixtures_path() -> Path:
     """`ZOO_FIXTURES`, else ../shared/fixtures beside the checkout (may not exist)."""

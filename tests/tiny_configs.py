@@ -1,4 +1,4 @@
-"""Per-family test facts, gathered from tests/families/<family>.py (one file per zoo/models family).
+"""Per-family test facts, gathered from tests/family_facts/<family>.py (one file per zoo/models family).
 
 Each family file defines TINY (glob -> small constructor overrides that keep the model's structural choices),
 REPRESENTATIVES (models that also run the expensive checks), NO_GRADIENT ({parameter glob: reason} for parameters
@@ -15,13 +15,13 @@ import timm
 import zoo
 from zoo.models import FAMILY_MODULES
 
-_FAMILY_DIR = Path(__file__).resolve().parent / 'families'
+_FAMILY_DIR = Path(__file__).resolve().parent / 'family_facts'
 
 
 def _family_facts(module: str):
     if not (_FAMILY_DIR / f'{module}.py').is_file():
-        raise FileNotFoundError(f'zoo/models/{module}.py has no tests/families/{module}.py with its test facts')
-    return importlib.import_module(f'families.{module}')
+        raise FileNotFoundError(f'zoo/models/{module}.py has no tests/family_facts/{module}.py with its test facts')
+    return importlib.import_module(f'family_facts.{module}')
 
 
 _FAMILIES = {module: _family_facts(module) for module in FAMILY_MODULES}
@@ -35,11 +35,11 @@ def tiny_kwargs(name: str) -> Dict:
     for pattern, kwargs in TINY:
         if fnmatch.fnmatch(name, pattern):
             return dict(kwargs)
-    raise KeyError(f'no tiny config for {name}: add one to its tests/families/<family>.py')
+    raise KeyError(f'no tiny config for {name}: add one to its tests/family_facts/<family>.py')
 
 
 def no_gradient(name: str) -> Dict[str, str]:
-    """{parameter glob: reason} of the family that registers model `name` (its tests/families NO_GRADIENT)."""
+    """{parameter glob: reason} of the family that registers model `name` (its tests/family_facts NO_GRADIENT)."""
     family = next(m for m in FAMILY_MODULES if name in timm.list_models(module=m))
     return dict(_FAMILIES[family].NO_GRADIENT)
 

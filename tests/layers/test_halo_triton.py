@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import fixtures_path, fixtures_root
+from conftest import TRITON_HALF_DTYPES as HALF_DTYPES, fixtures_path, fixtures_root
 from zoo.layers import HaloAttention, halo_attention_2d
 from zoo.layers.kernels import halo_triton
 
@@ -68,11 +68,6 @@ def test_triton_matches_reference_forward_and_backward(case):
         torch.testing.assert_close(got, expected, **FP32_TOL)
 
 
-HALF_DTYPES = [
-    torch.float16,
-    pytest.param(torch.bfloat16, marks=pytest.mark.skipif(
-        not CUDA, reason="the Triton interpreter's tl.dot multiplies bf16 bit patterns as integers")),
-]
 HALF_TOL = {torch.float16: dict(atol=4e-3, rtol=4e-3), torch.bfloat16: dict(atol=3e-2, rtol=3e-2)}
 
 

@@ -11,6 +11,7 @@ TRITON_INTERPRET is set by tests/conftest.py when there is no GPU, before anythi
 import pytest
 import torch
 
+from conftest import TRITON_HALF_DTYPES as HALF_DTYPES
 from zoo.layers import neighborhood as nb
 from zoo.layers.kernels import na2d_triton
 
@@ -167,11 +168,6 @@ def test_small_tiles(monkeypatch, config, case):
     _check_qk(case, batch=1, heads=1)
 
 
-HALF_DTYPES = [
-    torch.float16,
-    pytest.param(torch.bfloat16, marks=pytest.mark.skipif(
-        not CUDA, reason="the Triton interpreter's tl.dot multiplies bf16 bit patterns as integers")),
-]
 # About two units in the last place of each format (fp16 eps 9.8e-4, bf16 eps 7.8e-3): outputs and gradients are
 # O(1) and the kernels accumulate in fp32, so only the final rounding (and P rounded before P @ V) remains.
 # fp16 passes at 1e-3 in the interpreter; bf16 runs on CUDA only, scaled from fp16 by the 8x coarser eps.

@@ -22,7 +22,7 @@ from conftest import fixtures_path, fixtures_root
 from tiny_configs import PARITY_FOLDERS
 from zoo.layers import neighborhood_attention_2d
 
-# Fixture folders of the families that exist in the zoo (each family's tests/families file names its own).
+# Fixture folders of the families that exist in the zoo (each family's tests/family_facts file names its own).
 FAMILIES = PARITY_FOLDERS
 
 # The public cases and manifests (JSON stems) of every fixture folder, written out: the tests below glob the

@@ -17,9 +17,9 @@ from mmengine.config import Config  # noqa: E402
 from mmengine.registry import MODELS  # noqa: E402
 
 import zoo.integrations.openmmlab  # noqa: E402,F401  (registers the backbone types)
-from tests.families import nat as nat_family  # noqa: E402
-from tests.families import overlock as overlock_family  # noqa: E402
-from tests.families import transnext as transnext_family  # noqa: E402
+from tests.family_facts import nat as nat_family  # noqa: E402
+from tests.family_facts import overlock as overlock_family  # noqa: E402
+from tests.family_facts import transnext as transnext_family  # noqa: E402
 
 CONFIGS = sorted(p for p in (REPO / 'configs' / 'openmmlab').glob('mm*/*.py') if not p.name.startswith('_'))
 
