@@ -285,3 +285,77 @@ def test_updates_per_epoch_count_each_process_share():
     data = engine.RunData(recipe, train_set, val_set)
     assert len(train_set) == 48
     assert [data.batches_per_epoch(world) for world in (1, 2, 5)] == [6, 3, 1]  # 5 processes: 10 each (padded)
+
+
+def _star_folder(root, count: int = 12, extra_class: str = None):
+    """A folder holding only shapes-val images of one class (star), optionally plus a class folder of another
+    name: what a user points `zoo eval` at."""
+    from PIL import Image
+
+    from zoo.data.shapes import SHAPE_CLASSES, ShapesConfig, render_sample
+    config = ShapesConfig(num_samples=400, img_size=64, split='val')
+    star = SHAPE_CLASSES.index('star')
+    samples = (render_sample(config, i) for i in range(config.num_samples))
+    stars = [s for s in samples if int(s.labels[0]) == star][:count]
+    (root / 'star').mkdir(parents=True)
+    for i, sample in enumerate(stars):
+        Image.fromarray(sample.image).save(root / 'star' / f'{i}.png')
+    if extra_class:
+        (root / extra_class).mkdir()
+        Image.fromarray(stars[0].image).save(root / extra_class / '0.png')
+    return root
+
+
+def test_eval_maps_class_folders_by_name(tmp_path):
+    """A folder with only star/ images was scored 0 % (folder order gave them label 0, circle); labels now come
+    from the model's class names: the shipped quickstart model (92 % on shapes) names most stars correctly."""
+    data = _star_folder(tmp_path / 'stars')
+    result = _zoo('eval', '--checkpoint', str(REPO / 'checkpoints' / 'quickstart'), '--data', str(data),
+                  '--workers', '0', '--json', str(tmp_path / 'e.json'))
+    assert result.returncode == 0, result.stderr
+    assert json.loads((tmp_path / 'e.json').read_text())['top1'] > 60
+
+
+def test_eval_refuses_class_folders_the_model_does_not_know(tmp_path):
+    data = _star_folder(tmp_path / 'mixed', count=2, extra_class='hexagon')
+    result = _zoo('eval', '--checkpoint', str(REPO / 'checkpoints' / 'quickstart'), '--data', str(data))
+    assert result.returncode == 2 and "class folders ['hexagon']" in result.stderr, result.stderr
+
+
+def test_imagenet_synset_folders_map_through_timm_imagenet_info(tmp_path):
+    from timm.data import ImageNetInfo
+    model = timm.create_model('nat_mini', num_classes=1000)
+    (tmp_path / 'n01443537').mkdir()  # goldfish, ImageNet class 1
+    torch.save(torch.zeros(1), tmp_path / 'n01443537' / 'x.png')
+    folder = classification.folder_for_model(str(tmp_path), model)
+    assert ImageNetInfo().index_to_label_name(1) == 'n01443537' and folder.target_transform(0) == 1
+
+
+def test_eval_and_predict_without_weights_are_refused():
+    for command in (('eval', '--model', 'nat_mini', '--data', 'shapes'), ('predict', 'x.png', '--model', 'nat_mini')):
+        result = _zoo(*command)
+        assert result.returncode == 2 and '--checkpoint is required' in result.stderr, result.stderr
+
+
+def test_training_set_smaller_than_one_batch_fails_before_training(tmp_path):
+    """It used to exit 0 after zero epochs and export an untrained model."""
+    result = _zoo('train', str(QUICKSTART), '--output', str(tmp_path / 'run'), '--set', 'data.train_size=8',
+                  '--set', 'data.workers=0')
+    assert result.returncode == 2 and 'makes no full batch' in result.stderr, result.stderr
+    assert not (tmp_path / 'run' / 'model').exists()
+
+
+def test_classification_reads_16_bit_images_like_every_task(tmp_path):
+    """One loader (zoo.data.images): a 16-bit PNG keeps its top 8 bits instead of being clipped to 255."""
+    import numpy as np
+    from PIL import Image
+
+    from zoo.data.folder import SafeImageFolder
+    from zoo.data.images import load_rgb
+    pixels = (np.arange(64 * 64, dtype=np.uint32).reshape(64, 64) * 16).astype(np.uint16)
+    (tmp_path / 'grey').mkdir()
+    Image.fromarray(pixels).save(tmp_path / 'grey' / 'sixteen.png')
+    image, _ = SafeImageFolder(str(tmp_path))[0]
+    expected = load_rgb(tmp_path / 'grey' / 'sixteen.png', mode='convert').permute(1, 2, 0).numpy()
+    assert np.array_equal(np.asarray(image), expected)
+    assert np.array_equal(expected[..., 0], (pixels >> 8).astype(np.uint8))  # clipping made 99.6 % of them 255

@@ -12,11 +12,11 @@ from typing import Dict, List, Tuple
 
 import numpy as np
 import torch
-from PIL import Image
 from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from torch.utils.data import Dataset
 
+from zoo.data.images import load_pil_rgb
 from zoo.data.shapes import ShapesConfig, export_coco
 
 __all__ = ['CocoInstances', 'shapes_coco', 'detection_collate']
@@ -86,11 +86,7 @@ class CocoInstances(Dataset):
         image_id = self.ids[index]
         info = self.coco.imgs[image_id]
         path = self.image_dir / info['file_name']
-        try:
-            with Image.open(path) as file:
-                pixels = np.array(file.convert('RGB'))
-        except OSError as err:
-            raise ValueError(f'cannot read image {path}: {err}') from None
+        pixels = np.array(load_pil_rgb(path))
         height, width = pixels.shape[:2]
         boxes, labels, masks = self._annotations(image_id, height, width)
         if self.hflip and torch.rand(()) < 0.5:

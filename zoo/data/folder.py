@@ -1,9 +1,10 @@
 """ImageFolder (ImageNet layout) that skips unreadable images instead of failing the run."""
 from pathlib import Path
 
-from PIL import Image
 from torchvision.datasets import ImageFolder
 from torchvision.datasets.folder import IMG_EXTENSIONS
+
+from zoo.data.images import load_pil_rgb
 
 __all__ = ['SafeImageFolder', 'UNREADABLE']
 
@@ -18,7 +19,7 @@ class SafeImageFolder(ImageFolder):
         FileNotFoundError: the root is missing or holds no class folder with images.
     """
 
-    def __init__(self, root: str, transform=None):
+    def __init__(self, root: str, transform=None, target_transform=None):
         path = Path(root)
         if not path.is_dir():
             raise FileNotFoundError(f'dataset folder not found: {root}')
@@ -26,14 +27,14 @@ class SafeImageFolder(ImageFolder):
         if not any(f.suffix.lower() in IMG_EXTENSIONS for d in classes for f in d.iterdir()):
             raise FileNotFoundError(f'no images in {root}: expected {root}/<class name>/<image file> '
                                     f'({", ".join(IMG_EXTENSIONS)})')
-        super().__init__(root, transform=transform, allow_empty=True)
+        super().__init__(root, transform=transform, target_transform=target_transform, allow_empty=True)
 
     def __getitem__(self, index: int):
         path, target = self.samples[index]
         try:
-            with open(path, 'rb') as f:
-                image = Image.open(f)
-                image = image.convert('RGB')
-        except (OSError, ValueError, Image.DecompressionBombError):
+            image = load_pil_rgb(path)  # 16-bit samples keep their top 8 bits, transparency goes onto white
+        except ValueError:
             return UNREADABLE
+        if self.target_transform is not None:
+            target = self.target_transform(target)
         return (self.transform(image) if self.transform else image), target

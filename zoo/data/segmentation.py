@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import Dataset
 
+from zoo.data.images import load_pil_rgb
 from zoo.data.shapes import ShapesConfig, render_sample
 
 __all__ = ['MaskFolder', 'ade20k_folders', 'ShapesSegmentation', 'SegTransform']
@@ -63,8 +64,7 @@ class MaskFolder(Dataset):
 
     def __getitem__(self, index: int):
         image_path, mask_path = self.samples[index]
-        with Image.open(image_path) as image:
-            pixels = np.asarray(image.convert('RGB'))
+        pixels = np.asarray(load_pil_rgb(image_path))
         with Image.open(mask_path) as mask:
             labels = np.asarray(mask).astype(np.int64)
         if labels.ndim != 2 or labels.shape != pixels.shape[:2]:

@@ -6,7 +6,7 @@ built-in shapes set, transformed with timm's train/eval transforms.
 import argparse
 import pickle
 from pathlib import Path
-from typing import Dict, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import timm
 import torch
@@ -18,6 +18,7 @@ from timm.utils import ModelEmaV3
 from torch.utils.data import DataLoader, Dataset, default_collate
 
 from zoo.data.folder import UNREADABLE, SafeImageFolder
+from zoo.data.images import load_pil_rgb
 from zoo.data.shapes import ShapesClassification
 from zoo.manifest import verify_listed_checkpoint
 from zoo.recipes import Recipe
@@ -28,7 +29,7 @@ from zoo.tasks.phases import train_phases
 from zoo.tasks.protocol import Task
 
 __all__ = ['ClassificationModule', 'build_model', 'data_config', 'build_datasets', 'train', 'evaluate', 'predict',
-           'export_model', 'skip_unreadable_collate', 'load_model', 'TASK']
+           'export_model', 'skip_unreadable_collate', 'load_model', 'label_names', 'folder_for_model', 'TASK']
 
 
 def skip_unreadable_collate(batch):
@@ -265,28 +266,62 @@ def evaluate(model: nn.Module, dataset: Dataset, batch_size: int = 128, workers:
             'skipped_images': skipped}
 
 
+def label_names(model: nn.Module) -> Optional[List[str]]:
+    """The class names of the model's outputs, in output order: its cfg's `label_names` (zoo train writes the
+    training folders' names), else the ImageNet-1k synsets (n01440764, ...) for a 1000-class model, else None."""
+    names = model.pretrained_cfg.get('label_names')
+    if names:
+        return list(names)
+    if model.num_classes == 1000:
+        from timm.data import ImageNetInfo
+        return list(ImageNetInfo().label_names())
+    return None
+
+
 def predict(model: nn.Module, images, top_k: int = 5):
     """Top-k (label, probability) per image file; labels from the model's cfg, ImageNet names, or indices."""
-    from PIL import Image
-    from timm.data import ImageNetInfo
     names = model.pretrained_cfg.get('label_names')
     if not names and model.num_classes == 1000:
+        from timm.data import ImageNetInfo
         info = ImageNetInfo()
         names = [info.index_to_description(i) for i in range(1000)]
     transform = eval_transform(model)
     model.eval()
     results = []
     for path in images:
-        try:
-            with Image.open(path) as image:
-                batch = transform(image.convert('RGB'))[None]
-        except (OSError, ValueError) as err:
-            raise ValueError(f'cannot read image {path}: {err}') from None
+        batch = transform(load_pil_rgb(path))[None]
         with torch.no_grad():
             probs = model(batch).softmax(-1)[0]
         values, indices = probs.topk(min(top_k, model.num_classes))
         results.append([(names[i] if names else str(i), float(p)) for p, i in zip(values, indices.tolist())])
     return results
+
+
+def folder_for_model(root: str, model: nn.Module, transform=None) -> SafeImageFolder:
+    """An ImageFolder whose labels are the model's output indices of its class folders, matched by name.
+
+    A folder may hold any subset of the model's classes (e.g. only `star/`); ImageNet synset folders map onto a
+    1000-class model through timm's ImageNet info. Without class names (a model trained elsewhere), the folders
+    must be exactly as many as the outputs and are taken in sorted order.
+
+    Raises:
+        ValueError: class folders the model does not know, naming them.
+    """
+    folder = SafeImageFolder(root, transform=transform)
+    names = label_names(model)
+    if names is None:
+        if len(folder.classes) != model.num_classes:
+            raise ValueError(f'{root} has {len(folder.classes)} class folders and the model, which records no class '
+                             f'names, predicts {model.num_classes}: cannot tell which folder is which class')
+        return folder
+    index = {name: i for i, name in enumerate(names)}
+    unknown = [name for name in folder.classes if name not in index]
+    if unknown:
+        raise ValueError(f'class folders {unknown[:10]} of {root} are not classes of the model (it knows '
+                         f'{names[:10]}{" ..." if len(names) > 10 else ""})')
+    to_model = [index[name] for name in folder.classes]
+    folder.target_transform = to_model.__getitem__
+    return folder
 
 
 def eval_transform(model: nn.Module):
@@ -311,9 +346,10 @@ def load_model(checkpoint: Optional[str], model_name: Optional[str], num_classes
         return _read_weights_through_timm(path / WEIGHTS_FILE, f'local-dir:{path}', pretrained=True)
     if not model_name:
         raise ValueError('--model is required unless --checkpoint is a model folder (config.json + weights)')
-    kwargs = {} if num_classes is None else dict(num_classes=num_classes)
     if path is None:
-        return timm.create_model(model_name, **kwargs)
+        raise ValueError(f'--checkpoint is required: {model_name} without weights has a randomly initialised head and '
+                         f'body (official weights: zoo list --pretrained; a run of zoo train: RUN/model)')
+    kwargs = {} if num_classes is None else dict(num_classes=num_classes)
     return _read_weights_through_timm(path, model_name, pretrained=True,
                                       pretrained_cfg_overlay=dict(file=str(path), **kwargs), **kwargs)
 
@@ -355,10 +391,7 @@ def _evaluate_command(args: argparse.Namespace) -> Dict:
         dataset = ShapesClassification(args.shapes_size, img_size=model.pretrained_cfg['input_size'][-1],
                                        num_classes=model.num_classes, split='val', transform=transform)
     else:
-        dataset = SafeImageFolder(args.data, transform=transform)
-        if len(dataset.classes) > model.num_classes:
-            raise ValueError(f'{args.data} has {len(dataset.classes)} classes but the model predicts '
-                             f'{model.num_classes}')
+        dataset = folder_for_model(args.data, model, transform)
     return evaluate(model, dataset, batch_size=args.batch_size or 128, workers=args.workers)
 
 
