@@ -6,10 +6,11 @@ STAMP := $(VENV)/.installed
 
 .PHONY: quickstart tour test test-heavy bench
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[test,wandb,openmmlab]'
+	# the exact versions the suite runs on (constraints.txt); pyproject.toml declares the supported ranges
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[test,wandb,openmmlab]'
 	# optional natten backend, so that its tests run too (pure Python without a GPU; needs torch at build time)
 	$(BIN)/python -m pip install --quiet --no-build-isolation --no-deps natten==0.21.7
 	touch $(STAMP)
