@@ -1,7 +1,9 @@
 """The `zoo` command: list, train, eval, predict, convert, bench."""
 import argparse
 import json
+import re
 import sys
+import tempfile
 from pathlib import Path
 from typing import List, Optional
 
@@ -116,26 +118,63 @@ def _gqa_kwargs(args: argparse.Namespace) -> dict:
     return dict(num_kv_heads=args.kv_heads)
 
 
+def _key_mismatch(message: str) -> str:
+    """torch's load_state_dict error (every key listed) -> counts and a few examples of each kind."""
+    parts = []
+    for kind in ('Missing key(s)', 'Unexpected key(s)', 'size mismatch'):
+        if kind == 'size mismatch':
+            names = re.findall(r'size mismatch for ([^:]+):', message)
+        else:
+            found = re.search(rf'{re.escape(kind)} in state_dict: (.*?)(?:\. \n|\.\s*$|\n\s)', message, re.S)
+            names = re.findall(r'"([^"]+)"', found.group(1)) if found else []
+        if names:
+            more = f' and {len(names) - 4} more' if len(names) > 4 else ''
+            parts.append(f'{kind}: {", ".join(names[:4])}{more}')
+    return '; '.join(parts) or message.splitlines()[0]
+
+
+def _training_checkpoint_weights(source: Path, out_dir: Path) -> Path:
+    """The model weights of a `zoo train` checkpoint (Lightning: `model.`-prefixed entries, EMA copy when the run
+    kept one) written as a plain safetensors file in `out_dir`; other files are returned unchanged."""
+    if source.suffix != '.ckpt':
+        return source
+    state = torch.load(str(source), map_location='cpu', weights_only=True)
+    weights = state.get('zoo_ema') if isinstance(state, dict) else None
+    if weights is None and isinstance(state, dict) and isinstance(state.get('state_dict'), dict):
+        weights = {k[len('model.'):]: v for k, v in state['state_dict'].items() if k.startswith('model.')}
+    if not weights:
+        return source
+    from safetensors.torch import save_file
+    plain = out_dir / f'{source.stem}.safetensors'
+    save_file({k: v.contiguous() for k, v in weights.items()}, str(plain))
+    return plain
+
+
 def cmd_convert(args: argparse.Namespace) -> int:
-    """Official (or any) checkpoint file -> OUT/model.safetensors + OUT/config.json, refusing mismatched keys."""
+    """Official (or any) checkpoint file, or a `zoo train` .ckpt -> OUT/model.safetensors + OUT/config.json,
+    refusing mismatched keys."""
     source = Path(args.input)
     if not source.is_file():
         raise ValueError(f'checkpoint not found: {source}')
     verify_listed_checkpoint(source)
+    if not timm.is_model(args.model):
+        raise ValueError(f'unknown model {args.model!r} (see zoo list)')
     kwargs = {} if args.num_classes is None else dict(num_classes=args.num_classes)
     model_kwargs = dict(kwargs, **_gqa_kwargs(args))
-    try:
-        model = timm.create_model(args.model, pretrained=True, pretrained_cfg_overlay=dict(file=str(source), **kwargs),
-                                  **model_kwargs)
-    except TypeError as err:
-        if 'num_kv_heads' not in str(err):
-            raise
-        raise ValueError(f'--to-gqa needs a grouped-query model such as vit_small_patch16_224_gqa; {args.model} has '
-                         f'no K/V heads to set') from None
-    except RuntimeError as err:
-        if 'Error(s) in loading state_dict' not in str(err):
-            raise
-        raise ValueError(f'{source} does not match {args.model}: {err}') from None
+    with tempfile.TemporaryDirectory() as scratch:
+        weights = _training_checkpoint_weights(source, Path(scratch))
+        try:
+            model = timm.create_model(args.model, pretrained=True,
+                                      pretrained_cfg_overlay=dict(file=str(weights), **kwargs), **model_kwargs)
+        except TypeError as err:
+            if 'num_kv_heads' not in str(err):
+                raise
+            raise ValueError(f'--to-gqa needs a grouped-query model such as vit_small_patch16_224_gqa; {args.model} '
+                             f'has no K/V heads to set') from None
+        except RuntimeError as err:
+            if 'Error(s) in loading state_dict' not in str(err):
+                raise
+            raise ValueError(f'{source} does not match {args.model}: {_key_mismatch(str(err))}') from None
     timm.models.save_for_hf(model, args.output, safe_serialization=True)
     print(f'wrote {Path(args.output) / "model.safetensors"} and config.json ({args.model}, '
           f'{sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters); load with '

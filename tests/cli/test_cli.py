@@ -7,11 +7,13 @@ import sys
 import pytest
 import timm
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 import zoo
+from conftest import REPO
 from zoo.bench import count_macs
 from zoo.manifest import load_manifest
+
 
 def test_manifest_entries_match_registered_cfgs():
     entries = load_manifest()['official']
@@ -229,3 +231,37 @@ def test_convert_to_gqa_bad_arguments(tmp_path, args, message):
     save_file({'w': torch.zeros(1)}, str(path))
     result = _zoo('convert', *args, str(path), str(tmp_path / 'out'))
     assert result.returncode == 2 and message in result.stderr
+
+
+@pytest.mark.parametrize('command', [
+    ('eval', '--model', 'nat_gigantic', '--checkpoint', 'README.md', '--data', 'shapes'),
+    ('predict', 'x.png', '--model', 'nat_gigantic', '--checkpoint', 'README.md'),
+    ('convert', 'README.md', 'out', '--model', 'nat_gigantic'),
+])
+def test_unknown_model_names_are_one_clear_line(command, capsys):
+    from zoo.cli import main
+    assert main(list(command)) == 2
+    error = capsys.readouterr().err.strip()
+    assert error.count('\n') == 0 and "unknown model 'nat_gigantic' (see zoo list)" in error, error
+
+
+def test_convert_a_training_checkpoint_and_summarise_mismatches(tmp_path, capsys):
+    """`zoo convert` takes a `zoo train` checkpoint (Lightning, `model.`-prefixed weights) and writes the weights
+    the run exported; a checkpoint of another architecture is refused in one short line with counts."""
+    from zoo.cli import main
+    run = tmp_path / 'run'
+    recipe = REPO / 'recipes' / 'classification' / 'quickstart.yaml'
+    settings = ['data.train_size=16', 'data.val_size=16', 'data.batch_size=16', 'data.img_size=32', 'data.workers=0',
+                'schedule.epochs=1', 'model.embed_dim=64', 'model.depths=[3,4,6,5]', 'model.num_heads=[2,4,8,16]',
+                'model.mlp_ratio=3.0', 'model.kernel_size=7']  # nat_mini's own architecture
+    assert main(['train', str(recipe), '--output', str(run), *[a for kv in settings for a in ('--set', kv)]]) == 0
+    assert main(['convert', str(run / 'checkpoints' / 'last.ckpt'), str(tmp_path / 'converted'), '--model',
+                 'nat_mini', '--num-classes', '10']) == 0
+    exported = load_file(str(run / 'model' / 'model.safetensors'))
+    written = load_file(str(tmp_path / 'converted' / 'model.safetensors'))
+    assert exported.keys() == written.keys() and all(torch.equal(exported[k], written[k]) for k in exported)
+    capsys.readouterr()
+    assert main(['convert', str(run / 'checkpoints' / 'last.ckpt'), str(tmp_path / 'other'), '--model',
+                 'dinat_s_tiny']) == 2
+    error = capsys.readouterr().err.strip()
+    assert 'does not match dinat_s_tiny' in error and len(error) < 1000 and ' more' in error, error

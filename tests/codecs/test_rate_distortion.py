@@ -3,6 +3,7 @@ over learned-codec checkpoints, and `zoo eval --task compression`."""
 import json
 import math
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -410,6 +411,21 @@ def test_cli_eval_compression_errors(tmp_path, image_dir, checkpoints, capsys, e
     argv = ['eval', '--task', 'compression', *[replace.get(a, a) for a in extra]]
     assert cli.main(argv) == 2
     assert match in capsys.readouterr().err
+
+
+def test_cli_without_classic_codecs_needs_no_anchor(tmp_path, image_dir, checkpoints, capsys):
+    """`--classic` with no value measures no Pillow codec; the BD-rates then refer to the baseline by default
+    (it used to fail asking for --anchor), and a folder of codec files is read as its files."""
+    folder = tmp_path / 'ours'
+    folder.mkdir()
+    for q in (1, 2):
+        (folder / f'codec_q{q}.safetensors').write_bytes(Path(checkpoints.add(OURS, q, seed=q)).read_bytes())
+    baseline = [checkpoints.add(BASELINE, q, seed=10 + q) for q in (1, 2)]
+    argv = ['eval', '--checkpoint', str(folder), '--baseline-checkpoint', *baseline, '--data', str(image_dir),
+            '--json', str(tmp_path / 'rd.json'), '--classic']
+    assert cli.main(argv) == 0, capsys.readouterr().err
+    summary = json.loads((tmp_path / 'rd.json').read_text())
+    assert summary['anchor'] == BASELINE and set(summary['bd_rate']) == {OURS}
 
 
 def test_cli_other_tasks_take_one_model():

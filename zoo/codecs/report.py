@@ -193,7 +193,7 @@ def _curve_file_name(name: str) -> str:
 
 
 def evaluate_rate_distortion(model_names: Sequence[str], checkpoints: Sequence[str], data_dir: str, json_path: str,
-             plot_path: Optional[str] = None, anchor: str = 'jpeg',
+             plot_path: Optional[str] = None, anchor: Optional[str] = None,
              classic: Sequence[str] = ('jpeg', 'webp', 'avif', 'jpeg2000'), baseline_checkpoints: Sequence[str] = (),
              classic_settings: Optional[Mapping[str, Sequence[int]]] = None) -> dict:
     """Rate-distortion evaluation of learned codecs, a baseline and classic codecs on the images of `data_dir`.
@@ -207,7 +207,8 @@ def evaluate_rate_distortion(model_names: Sequence[str], checkpoints: Sequence[s
         json_path: summary JSON (below); each curve is also written in CompressAI's results format to
             `<json_path stem>_curves/<name>.json`, readable by `python -m compressai.utils.plot`.
         plot_path: RD plot PNG (our curves, baseline, classic codecs, CompressAI's published Kodak points).
-        anchor: the curve every BD-rate is reported against ('jpeg', another classic codec or a model name).
+        anchor: the curve every BD-rate is reported against ('jpeg', another classic codec or a model name);
+            default: JPEG when it is measured, else the baseline, else the first model.
         classic: Pillow codecs to measure; those this Pillow lacks are listed under 'unavailable'.
         baseline_checkpoints: checkpoints of a baseline codec (e.g. compressai:bmshj2018-hyperprior trained with the
             same recipe), evaluated like `checkpoints`.
@@ -235,6 +236,8 @@ def evaluate_rate_distortion(model_names: Sequence[str], checkpoints: Sequence[s
     unavailable = {name: reason for name in classic if (reason := classic_unavailable(name))}
     measured_classic = [name for name in classic if name not in unavailable]
     curve_names = [*models, *baselines, *measured_classic]
+    if anchor is None:
+        anchor = 'jpeg' if 'jpeg' in measured_classic else [*baselines, *models][0]
     if anchor not in curve_names:
         why = f' ({unavailable[anchor]})' if anchor in unavailable else ''
         raise ValueError(f'anchor {anchor!r} is not among the measured curves {curve_names}{why}')

@@ -346,6 +346,8 @@ def load_model(checkpoint: Optional[str], model_name: Optional[str], num_classes
         return _read_weights_through_timm(path / WEIGHTS_FILE, f'local-dir:{path}', pretrained=True)
     if not model_name:
         raise ValueError('--model is required unless --checkpoint is a model folder (config.json + weights)')
+    if not timm.is_model(model_name):
+        raise ValueError(f'unknown model {model_name!r} (see zoo list)')
     if path is None:
         raise ValueError(f'--checkpoint is required: {model_name} without weights has a randomly initialised head and '
                          f'body (official weights: zoo list --pretrained; a run of zoo train: RUN/model)')

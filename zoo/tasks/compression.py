@@ -351,8 +351,9 @@ def _add_eval_arguments(group: argparse._ArgumentGroup) -> None:
     group.add_argument('--baseline-checkpoint', action='extend', nargs='+', default=[],
                        help='checkpoints of the baseline codec (e.g. compressai:bmshj2018-hyperprior trained with the '
                             'same recipe), one per quality')
-    group.add_argument('--anchor', default='jpeg',
-                       help='the curve BD-rates are reported against (a classic codec or a model name)')
+    group.add_argument('--anchor', default=None,
+                       help='the curve BD-rates are reported against (a classic codec or a model name; default: jpeg '
+                            'when measured, else the baseline, else the first model)')
     group.add_argument('--classic', nargs='*', default=['jpeg', 'webp', 'avif', 'jpeg2000'],
                        help='Pillow codecs measured on the same images (none: --classic with no value)')
     group.add_argument('--plot', default=None, help='write the RD plot to this PNG')
