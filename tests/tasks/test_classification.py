@@ -359,3 +359,15 @@ def test_classification_reads_16_bit_images_like_every_task(tmp_path):
     expected = load_rgb(tmp_path / 'grey' / 'sixteen.png', mode='convert').permute(1, 2, 0).numpy()
     assert np.array_equal(np.asarray(image), expected)
     assert np.array_equal(expected[..., 0], (pixels >> 8).astype(np.uint8))  # clipping made 99.6 % of them 255
+
+
+def test_run_files_respect_the_umask(tmp_path):
+    """Atomic writes go through a private temp file (mode 0600); the finished files get what a plain open() gives."""
+    import os
+    previous = os.umask(0o027)
+    try:
+        _train(tmp_path / 'run')
+    finally:
+        os.umask(previous)
+    for name in ('metrics.json', 'checkpoints/last.ckpt', 'model/model.safetensors', 'model/config.json'):
+        assert (tmp_path / 'run' / name).stat().st_mode & 0o777 == 0o640, name

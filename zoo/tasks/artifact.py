@@ -11,6 +11,7 @@ key 'zoo' the metadata every task writes:
 each task recognises its own older layout (zoo.tasks.task_of_artifact).
 """
 import json
+import os
 from pathlib import Path
 from typing import Any, Dict, Optional, Union
 
@@ -18,7 +19,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save
 
-from zoo.files import atomic_write_bytes
+from zoo.files import atomic_write_bytes, default_file_mode
 from zoo.recipes import Recipe
 
 __all__ = ['ARTIFACT_FORMAT', 'CONFIG_FILE', 'WEIGHTS_FILE', 'read_config', 'write_config', 'record_training',
@@ -71,13 +72,16 @@ def artifact_metadata(folder: Union[str, Path]) -> Optional[Dict[str, Any]]:
 
 def record_training(folder: Union[str, Path], recipe: Recipe, metrics: Dict[str, Any]) -> None:
     """Add the training metadata (task, model, recipe, data, metrics) to the folder's config.json, creating it when
-    the task's export wrote none."""
+    the task's export wrote none; the folder's files get the permissions of the process's umask."""
     folder = Path(folder)
     config = read_config(folder) if (folder / CONFIG_FILE).is_file() else {}
     config[_KEY] = {'format': ARTIFACT_FORMAT, 'version': 1, 'task': recipe.task, 'model': recipe.model.name,
                     'recipe': recipe.path, 'data': {'name': recipe.data.name, 'root': recipe.data.root},
                     'metrics': metrics}
     write_config(folder, config)
+    for path in folder.iterdir():  # safetensors' writer creates 0600 files: give them what open() would
+        if path.is_file():
+            os.chmod(path, default_file_mode())
 
 
 def save_weights(folder: Union[str, Path], state_dict: Dict[str, torch.Tensor]) -> Path:
