@@ -155,3 +155,13 @@ def test_bad_recipe_is_one_clear_line_before_anything_runs(tmp_path, text, fragm
     path = tmp_path / 'recipe.yaml'
     path.write_text(text)
     _one_line_error(_zoo('train', str(path), '--dry-run'), fragment, str(path))
+
+
+def test_task_module_trains_every_trainable_parameter_by_default():
+    """TaskModule's default parameter_groups(): the trainable parameters, not frozen ones (an EMA copy, a teacher)."""
+    from zoo.tasks.engine import TaskModule
+    module = TaskModule(load_recipe(CLASSIFICATION, TINY_CLASSIFICATION))
+    module.student, module.frozen = torch.nn.Linear(2, 2), torch.nn.Linear(2, 2).requires_grad_(False)
+    optimizer = module.configure_optimizers()
+    trained = {id(p) for group in optimizer.param_groups for p in group['params']}
+    assert trained == {id(p) for p in module.student.parameters()}

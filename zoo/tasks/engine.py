@@ -232,8 +232,9 @@ class TaskModule(pl.LightningModule):
     stepped per update whose state travels in every checkpoint (so `--resume` continues the same lr curve), and
     the training-loss checks and logging every task shares.
 
-    Subclasses implement `parameter_groups()` (a module or a list of parameter groups) and may return
-    create_optimizer overrides from `optimizer_overrides()` (layer decay, a zero default weight decay, ...).
+    Subclasses may override `parameter_groups()` (a module or a list of parameter groups; default: every trainable
+    parameter) and return create_optimizer overrides from `optimizer_overrides()` (layer decay, a zero default weight
+    decay, ...).
     """
     scheduler = None
     _scheduler_state = None  # restored by on_load_checkpoint, applied once the scheduler exists
@@ -245,7 +246,10 @@ class TaskModule(pl.LightningModule):
         self.fit_seconds = 0.0
 
     def parameter_groups(self):
-        raise NotImplementedError
+        """What the main optimizer trains: by default every trainable parameter of the module (frozen ones, an EMA
+        copy or a teacher, are left out); tasks return a model (timm's weight-decay and layer-decay rules) or their
+        own parameter groups."""
+        return [p for p in self.parameters() if p.requires_grad]
 
     def optimizer_overrides(self) -> Dict[str, Any]:
         return {}
