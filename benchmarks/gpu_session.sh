@@ -1,12 +1,15 @@
 #!/usr/bin/env bash
-# One GPU session: the kernel tests on CUDA, each Triton kernel's check and benchmark against the reference,
-# whole models with the kernels on and off, and the 512x512 segmentation training step. Every step has its own
+# One GPU session: the kernel tests on CUDA, each Triton kernel's check and benchmark against the reference (na2d
+# also against flex attention and the blocked plain-PyTorch path), whole models (bf16 training step at batch 64
+# beside convnext_tiny and swin_tiny) with the kernels on, off and, for the na2d models, on the blocked path, and
+# the 512x512 segmentation training step. Every step has its own
 # time limit and runs even when an earlier one failed; results land in $OUT (at most 8 files).
 #
 #   bash benchmarks/gpu_session.sh [STEP ...]   (repository root, CUDA machine; OUT defaults to ./gpu-out)
 #
-# STEP: kernel_tests halo aggregated models na2d segmentation (default: all, in that order). HALO_ARGS and
-# MODELS_ARGS add arguments to those steps' scripts.
+# STEP: kernel_tests halo aggregated models na2d segmentation (default: all, in that order), or smoke: the
+# na2d and models scripts' --dry-run on CPU in the Triton interpreter (no GPU needed; run it before a session).
+# HALO_ARGS and MODELS_ARGS add arguments to those steps' scripts.
 #
 # A timm wheel in .whl/ (optional) is installed to /tmp/site first, so the models build against the timm the
 # project pins whatever the machine has.
@@ -40,11 +43,15 @@ run_aggregated() {
         --json "$OUT/aggregated_gpu.json"
 }
 run_models() {
-    step models 120 python3 benchmarks/models_gpu.py --json "$OUT/models_gpu.json" --warmup 2 --iters 6 "${MODELS_ARGS[@]}"
+    step models 180 python3 benchmarks/models_gpu.py --json "$OUT/models_gpu.json" --warmup 2 --iters 6 "${MODELS_ARGS[@]}"
 }
 run_na2d() {
     step na2d 200 python3 benchmarks/na2d_gpu.py --json "$OUT/na2d_gpu.json" --dtypes fp16 --batch 16 \
         --shapes 56x56-h4-k7 28x28-h4-k7 56x56-h4-k7-d4 --budget-s 60
+}
+run_smoke() {
+    TRITON_INTERPRET=1 step smoke-na2d 120 python3 benchmarks/na2d_gpu.py --dry-run --json "$OUT/na2d_smoke.json"
+    TRITON_INTERPRET=1 step smoke-models 300 python3 benchmarks/models_gpu.py --dry-run --json "$OUT/models_smoke.json"
 }
 run_segmentation() {
     step segmentation 70 python3 benchmarks/segmentation_cpu.py --device cuda --img-size 512 --batch 8 --steps 5 \

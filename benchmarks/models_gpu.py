@@ -15,19 +15,22 @@ Triton kernels `backend="auto"` may run on CUDA), so both runs are the code path
 --dry-run needs no GPU: batch 1, one iteration, nat_tiny and convnext_tiny on CPU (checks the plumbing only).
 """
 import argparse
+import contextlib
 import json
 import platform
 import statistics
 import sys
 import time
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, Iterator, List, Optional, Sequence
 
 import timm
 import torch
 import torch.nn.functional as F
 
 import zoo  # noqa: F401  (registers the models)
+from zoo.layers.contmix import ContMix
 from zoo.layers.kernels import gpu_kernels
+from zoo.layers.neighborhood_attn import NeighborhoodAttention2d
 
 # model -> the kernels its layers call through backend='auto'
 ZOO_MODELS = {
@@ -115,6 +118,21 @@ def speed(model: torch.nn.Module, batch: int, args, device: torch.device) -> Dic
     return dict(train_img_s=batch / train_s, infer_img_s=batch / infer_s, train_peak_mib=peak)
 
 
+@contextlib.contextmanager
+def neighbourhood_backend(model: torch.nn.Module, backend: str) -> Iterator[None]:
+    """Inside this block every neighbourhood-attention layer of model (NAT/DiNAT attention, ContMix) runs `backend`
+    instead of its own setting."""
+    layers = [m for m in model.modules() if isinstance(m, (NeighborhoodAttention2d, ContMix))]
+    previous = [m.backend for m in layers]
+    for layer in layers:
+        layer.backend = backend
+    try:
+        yield
+    finally:
+        for layer, value in zip(layers, previous):
+            layer.backend = value
+
+
 def save(report: Dict, path: Optional[str]) -> None:
     if path:
         with open(path, 'w') as f:
@@ -138,6 +156,9 @@ def run(args, device: torch.device, report: Dict) -> List[Dict]:
             for mode, enabled in modes:
                 with gpu_kernels(enabled):
                     row[mode] = speed(model, args.batch, args, device)
+            if 'na2d' in names:  # the blocked plain-PyTorch path (cuBLAS / SDPA), what runs without Triton
+                with neighbourhood_backend(model, 'blocked'):
+                    row['blocked'] = speed(model, args.batch, args, device)
         except Exception as error:  # one model failing is reported, the others still run
             row['error'] = f'{type(error).__name__}: {error}'[:500]
         rows.append(row)
@@ -148,7 +169,8 @@ def run(args, device: torch.device, report: Dict) -> List[Dict]:
 
 
 def format_table(rows: List[Dict]) -> str:
-    """Markdown: each zoo model's reference and triton rows, ratios against the reference and convnext_tiny."""
+    """Markdown: each zoo model's reference, triton and blocked rows, ratios against the reference and
+    convnext_tiny."""
     base = next((r['timm'] for r in rows if r['model'] == 'convnext_tiny' and 'timm' in r), None)
     lines = ['| model | path | train img/s | infer img/s | train peak MiB | train x ref | train x convnext_tiny '
              '| logits rel diff |', '|---|---|---|---|---|---|---|---|']
@@ -157,7 +179,7 @@ def format_table(rows: List[Dict]) -> str:
             lines.append(f"| {row['model']} | error | {row['error']} | | | | | |")
             continue
         ref = row.get('reference')
-        for mode in ('reference', 'triton', 'timm'):
+        for mode in ('reference', 'triton', 'blocked', 'timm'):
             if mode not in row:
                 continue
             r = row[mode]

@@ -164,6 +164,17 @@ def check_flex_eager(shape: Shape) -> float:
     return (out - ref).abs().max().item()
 
 
+def check_blocked(shape: Shape) -> float:
+    """Max error of the blocked path (the timed 'blocked' rows) against the reference, with rpb, on CPU."""
+    gen = torch.Generator().manual_seed(0)
+    dims = (shape.batch, shape.heads, shape.height, shape.width, shape.head_dim)
+    query, key, value = (torch.randn(*dims, generator=gen) for _ in range(3))
+    rpb = torch.randn(shape.heads, 2 * shape.kernel_size - 1, 2 * shape.kernel_size - 1, generator=gen)
+    outs = [nb.neighborhood_attention_2d(query, key, value, shape.kernel_size, shape.dilation, rpb=rpb,
+                                         backend=backend) for backend in ('blocked', 'torch')]
+    return (outs[0] - outs[1]).abs().max().item()
+
+
 def dry_run() -> None:
     """Structure checks that need no GPU."""
     tiny = [Shape('7x9-k3', 1, 2, 7, 9, 16, 3), Shape('10x6-k3-d2', 1, 2, 10, 6, 16, 3, 2),
@@ -176,6 +187,10 @@ def dry_run() -> None:
               f'reference max error {error:.2e}')
         if error > 1e-4:
             raise AssertionError(f'eager flex differs from the reference on {shape}: {error:.2e}')
+        blocked_error = check_blocked(shape)
+        print(f'dry-run {shape.name}: blocked vs reference max error {blocked_error:.2e}')
+        if blocked_error > 1e-4:
+            raise AssertionError(f'the blocked path differs from the reference on {shape}: {blocked_error:.2e}')
 
 
 # ----------------------------------------------------------------------------------------------
@@ -335,7 +350,7 @@ class Recorder:
 
 
 def _attention_call(backend: str, flex: Callable, shape: Shape, query, key, value, rpb, scale: float) -> Callable:
-    """Zero-argument forward of one backend ('torch', 'triton' or 'flex') on fixed inputs."""
+    """Zero-argument forward of one backend ('torch', 'triton', 'blocked' or 'flex') on fixed inputs."""
     if backend == 'flex':
         return lambda: flex(query, key, value, rpb, scale)
     return lambda: nb.neighborhood_attention_2d(query, key, value, shape.kernel_size, shape.dilation, rpb=rpb,
@@ -344,8 +359,9 @@ def _attention_call(backend: str, flex: Callable, shape: Shape, query, key, valu
 
 def run_timings(shapes: List[Shape], dtypes: List[torch.dtype], device: torch.device, recorder: Recorder,
                 with_reference: bool, flex_rpb: bool) -> None:
-    """Per dtype and shape: triton and flex without rpb, then with rpb, then the reference (with rpb)."""
-    variants = [('triton', False), ('flex', False), ('triton', True)]
+    """Per dtype and shape: triton, flex and the blocked path (cuBLAS / SDPA) without rpb, then with rpb, then the
+    reference (with rpb)."""
+    variants = [('triton', False), ('flex', False), ('blocked', False), ('triton', True), ('blocked', True)]
     variants += [('flex', True)] if flex_rpb else []
     variants += [('torch', True)] if with_reference else []
     for dtype in dtypes:
@@ -399,19 +415,20 @@ def _ratio(a: Optional[float], b: Optional[float], width: int = 9) -> str:
 
 
 def print_table(rows: List[dict]) -> None:
-    """Timings with triton/flex (same rpb mode) and triton/reference (with rpb) ratios."""
+    """Timings with triton/flex, blocked/triton (same rpb mode) and triton/reference (with rpb) ratios."""
     index = {(r['shape'], r['dtype'], r['backend'], r['rpb']): r for r in rows if 'shape' in r}
     print(f"\n{'shape':18s} {'dtype':9s} {'rpb':5s} {'mode':8s} {'torch ms':>9s} {'triton ms':>10s} "
-          f"{'flex ms':>9s} {'tri/flex':>9s} {'tri/torch':>10s}")
+          f"{'flex ms':>9s} {'blocked ms':>10s} {'tri/flex':>9s} {'blk/tri':>9s} {'tri/torch':>10s}")
     for (shape, dtype, backend, use_rpb), row in index.items():
         if backend != 'triton':
             continue
         flex = index.get((shape, dtype, 'flex', use_rpb), {})
+        blocked = index.get((shape, dtype, 'blocked', use_rpb), {})
         ref = index.get((shape, dtype, 'torch', True), {}) if use_rpb else {}
         for mode in ('fwd', 'fwd_bwd'):
-            t, f, r = row.get(mode), flex.get(mode), ref.get(mode)
+            t, f, b, r = row.get(mode), flex.get(mode), blocked.get(mode), ref.get(mode)
             print(f'{shape:18s} {dtype:9s} {str(use_rpb):5s} {mode:8s} {_cell(r)} {_cell(t, 10)} {_cell(f)} '
-                  f'{_ratio(t, f)} {_ratio(t, r, 10)}')
+                  f'{_cell(b, 10)} {_ratio(t, f)} {_ratio(b, t)} {_ratio(t, r, 10)}')
 
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:

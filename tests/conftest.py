@@ -49,3 +49,20 @@ def require(module: str, install: str):
     if _under_ci():
         return importlib.import_module(module)
     return pytest.importorskip(module, reason=f'{module} is not installed ({install})')
+
+
+def measured(metrics: dict) -> dict:
+    """The measurement in an evaluation record: without its timings (seconds, images/s) and the run's settings
+    (checkpoint, device, precision), which differ between two evaluations of the same model and data."""
+    run = ('seconds', 'images_per_second', 'checkpoint', 'device', 'amp', 'channels_last')
+    return {key: value for key, value in metrics.items() if key not in run}
+
+
+@pytest.fixture
+def one_thread():
+    """One torch thread for the test: the CI machine is shared, and oversubscribed threads make small ops crawl
+    (several times slower); used by the modules that build many small models."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

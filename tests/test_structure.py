@@ -14,7 +14,7 @@ PACKAGE = REPO / 'zoo'
 # a module may import modules of its own rank or below
 RANKS = {
     'zoo': 1,  # the package itself: `import zoo` registers the models
-    'zoo.files': 0, 'zoo.layers': 0,
+    'zoo.files': 0, 'zoo.progress': 0, 'zoo.layers': 0,
     'zoo.models': 1, 'zoo.data': 1, 'zoo.recipes': 1, 'zoo.manifest': 1,
     'zoo.codecs': 2,
     'zoo.tasks': 3,

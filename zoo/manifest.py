@@ -1,19 +1,22 @@
-"""The checkpoint manifest (checkpoints/manifest.yaml): official weights with reported metrics, and our own.
+"""The checkpoint manifest (checkpoints/manifest.yaml): official weights with reported metrics, and our own; and
+the measured model table (benchmarks/model_stats.json: parameters and GMACs at each model's input size).
 
 Loading a file the manifest lists with a sha256 checks that hash first (`verify_listed_checkpoint`), so a
 truncated download or a file swapped for another is refused before any weight is read.
 """
 import hashlib
+import json
 from functools import lru_cache
 from pathlib import Path
 from typing import Dict, Optional, Tuple
 
 import yaml
 
-__all__ = ['MANIFEST_PATH', 'load_manifest', 'official_entry', 'trained_files', 'listed_sha256',
-           'verify_listed_checkpoint', 'ChecksumError']
+__all__ = ['MANIFEST_PATH', 'MODEL_STATS_PATH', 'load_manifest', 'model_stats', 'official_entry', 'trained_files',
+           'listed_sha256', 'verify_listed_checkpoint', 'ChecksumError']
 
 MANIFEST_PATH = Path(__file__).resolve().parents[1] / 'checkpoints' / 'manifest.yaml'
+MODEL_STATS_PATH = Path(__file__).resolve().parents[1] / 'benchmarks' / 'model_stats.json'
 _WEIGHTS_FILE = 'model.safetensors'  # the weights file of a model folder (timm's local-dir layout)
 
 
@@ -27,6 +30,15 @@ def load_manifest() -> Dict:
     if not MANIFEST_PATH.is_file():
         return {'official': [], 'trained': []}
     return yaml.safe_load(MANIFEST_PATH.read_text())
+
+
+@lru_cache(maxsize=1)
+def model_stats() -> Dict[str, Dict]:
+    """{model: {'input_size', 'params_m', 'gmacs'}} measured by benchmarks/model_stats.py; empty when the package is
+    installed without the repository's files."""
+    if not MODEL_STATS_PATH.is_file():
+        return {}
+    return json.loads(MODEL_STATS_PATH.read_text())['models']
 
 
 def official_entry(model: str) -> Optional[Dict]:

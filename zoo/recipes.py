@@ -69,6 +69,8 @@ class DataSection:
     interpolation: Optional[str] = None
     mean: Optional[List[float]] = None
     std: Optional[List[float]] = None
+    crop_mode: Optional[str] = None  # classification eval: timm's center | squash (resize to a square) | border
+    aug_repeats: int = 0  # repeated augmentation (timm's RepeatAugSampler): each image N times per epoch; 0 = off
 
 
 @dataclass
@@ -81,6 +83,9 @@ class OptimSection:
     momentum: float = 0.9
     eps: Optional[float] = None
     betas: Optional[List[float]] = None
+    # weight decay off for every trainable parameter whose name contains one of these substrings, on for all the
+    # others (the mmcv paramwise `custom_keys` rule); unset: timm's rule (1-d tensors and no_weight_decay() names)
+    no_decay_names: Optional[List[str]] = None
     aux_lr: float = 1e-3  # compression: Adam lr of the EntropyBottleneck quantiles (CompressAI examples/train.py)
 
 
@@ -94,10 +99,21 @@ class ScheduleSection:
     cooldown_epochs: int = 0
     decay_rate: float = 0.1
     decay_milestones: Optional[List[int]] = None
+    sched_on_updates: bool = False  # step the lr per optimizer update (timm's --sched-on-updates), else per epoch
+    warmup_prefix: bool = False  # timm: warm-up epochs come before `epochs`, the decay runs over `epochs` only
+    # per-epoch stepping only: epoch e runs at the lr timm gives epoch e - epoch_lag (the DeiT-style main.py steps
+    # the scheduler after each epoch with that epoch's index: epoch_lag 1; timm's train.py: 0)
+    epoch_lag: int = 0
 
 
 @dataclass
 class AugSection:
+    # 'timm': timm's train transform (random resized crop, flip, auto_augment, colour jitter, random erasing);
+    # 'torchvision_randaugment': torchvision's RandAugment(randaugment_ops, randaugment_magnitude) on the image as
+    # loaded, then a square resize to data.img_size (no crop, flip or erasing)
+    policy: str = 'timm'
+    randaugment_ops: int = 2
+    randaugment_magnitude: int = 9
     auto_augment: Optional[str] = None
     train_interpolation: str = 'random'
     hflip: float = 0.5
@@ -137,6 +153,17 @@ class TrainerSection:
     seed: int = 42
     val_every: int = 1
     checkpoint_every_steps: Optional[int] = None
+    compile: bool = False  # torch.compile the task's model (nn.Module.compile: state-dict keys unchanged)
+    channels_last: bool = False  # the task's model and its 4-d inputs in channels-last memory format
+    # fp16 with a static loss scale (mmcv's Fp16OptimizerHook(loss_scale=N)): needs precision 16-mixed and a GPU
+    loss_scale: Optional[float] = None
+
+
+@dataclass
+class EvalSection:
+    mode: str = 'whole'  # segmentation: 'whole' image, or 'slide' (mmseg's sliding-window inference)
+    crop_size: Optional[int] = None  # slide window side (default data.img_size)
+    stride: Optional[int] = None  # slide step (default two thirds of the window, as mmseg's 512 / 341)
 
 
 @dataclass
@@ -160,6 +187,7 @@ class Recipe:
     aug: AugSection = field(default_factory=AugSection)
     loss: LossSection = field(default_factory=LossSection)
     trainer: TrainerSection = field(default_factory=TrainerSection)
+    eval: EvalSection = field(default_factory=EvalSection)
     logging: LoggingSection = field(default_factory=LoggingSection)
     phases: Optional[List[Dict[str, Any]]] = None
     source: Optional[Union[str, List[str]]] = None
@@ -299,13 +327,16 @@ def parse_overrides(items: Sequence[str]) -> Dict:
 
 _SECTIONS = {
     'data': DataSection, 'optim': OptimSection, 'schedule': ScheduleSection, 'aug': AugSection,
-    'loss': LossSection, 'trainer': TrainerSection, 'logging': LoggingSection,
+    'loss': LossSection, 'trainer': TrainerSection, 'eval': EvalSection, 'logging': LoggingSection,
 }
 
 
 # timm's scheduler names (timm.scheduler.create_scheduler_v2) and Lightning's precision strings
 SCHEDULERS = ('cosine', 'tanh', 'step', 'constant', 'multistep', 'plateau', 'poly', 'wsd', 'rsqrt', 'none')
 PRECISIONS = ('64-true', '32-true', '16-mixed', 'bf16-mixed', '16-true', 'bf16-true', '64', '32', '16', 'bf16')
+AUG_POLICIES = ('timm', 'torchvision_randaugment')
+CROP_MODES = ('center', 'squash', 'border')  # timm's eval crop modes
+EVAL_MODES = ('whole', 'slide')
 
 
 def _check_names(recipe: Recipe, source: str) -> None:
@@ -322,6 +353,39 @@ def _check_names(recipe: Recipe, source: str) -> None:
     if str(recipe.trainer.precision) not in PRECISIONS:
         raise RecipeError(f'{source}: `trainer.precision` must be one of {", ".join(PRECISIONS)}, got '
                           f'{recipe.trainer.precision!r}')
+    for where, value, allowed in (('aug.policy', recipe.aug.policy, AUG_POLICIES),
+                                  ('data.crop_mode', recipe.data.crop_mode, CROP_MODES + (None,)),
+                                  ('eval.mode', recipe.eval.mode, EVAL_MODES)):
+        if value not in allowed:
+            raise RecipeError(f'{source}: `{where}` must be one of {", ".join(map(str, allowed))}, got {value!r}')
+    _check_values(recipe, source)
+
+
+def _check_values(recipe: Recipe, source: str) -> None:
+    """Settings that only make sense together, or only within a range."""
+    s, t = recipe.schedule, recipe.trainer
+    for where, value in (('data.aug_repeats', recipe.data.aug_repeats), ('schedule.epoch_lag', s.epoch_lag)):
+        if value < 0:
+            raise RecipeError(f'{source}: `{where}` must be >= 0, got {value}')
+    if s.epoch_lag and s.sched_on_updates:
+        raise RecipeError(f'{source}: `schedule.epoch_lag` applies to per-epoch stepping; it cannot be combined '
+                          f'with schedule.sched_on_updates=true')
+    if t.loss_scale is not None and (t.loss_scale <= 0 or str(t.precision) not in ('16-mixed', '16')):
+        raise RecipeError(f'{source}: `trainer.loss_scale` is a positive static fp16 loss scale and needs '
+                          f'trainer.precision=16-mixed, got loss_scale={t.loss_scale!r} with precision {t.precision!r}')
+    for where, value in (('eval.crop_size', recipe.eval.crop_size), ('eval.stride', recipe.eval.stride)):
+        if value is not None and value <= 0:
+            raise RecipeError(f'{source}: `{where}` must be a positive number of pixels, got {value}')
+    a = recipe.aug
+    timm_only = {'aug.auto_augment': a.auto_augment, 'aug.hflip': a.hflip or None,
+                 'aug.color_jitter': a.color_jitter or None, 'aug.reprob': a.reprob or None}
+    clashing = [key for key, value in timm_only.items() if value is not None]
+    if a.policy == 'torchvision_randaugment' and clashing:
+        raise RecipeError(f'{source}: aug.policy torchvision_randaugment is RandAugment then a square resize only; '
+                          f'{", ".join(clashing)} belong to the timm policy: set them to 0 / null')
+    if recipe.optim.no_decay_names is not None and recipe.optim.layer_decay:
+        raise RecipeError(f'{source}: `optim.no_decay_names` and `optim.layer_decay` cannot be combined (layer decay '
+                          f'builds its own parameter groups)')
 
 
 def recipe_from_dict(tree: Dict, source: str) -> Recipe:

@@ -41,7 +41,7 @@ def test_cli_list():
     result = _zoo('list', 'dinat_s_*')
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
-    assert lines[0].split() == ['model', 'params(M)', 'top-1', 'weights']
+    assert lines[0].split() == ['model', 'params(M)', 'GMACs', 'input', 'top-1', 'tags', 'weights']
     assert [line.split()[0] for line in lines[1:]] == zoo.list_models('dinat_s_*')
     assert '28.29' in next(line for line in lines if line.startswith('dinat_s_tiny '))
 

@@ -19,6 +19,7 @@ from mmengine.registry import MODELS  # noqa: E402
 import zoo.integrations.openmmlab  # noqa: E402,F401  (registers the backbone types)
 from tests.family_facts import nat as nat_family  # noqa: E402
 from tests.family_facts import overlock as overlock_family  # noqa: E402
+from tests.family_facts import moh as moh_family  # noqa: E402
 from tests.family_facts import transnext as transnext_family  # noqa: E402
 
 CONFIGS = sorted(p for p in (REPO / 'configs' / 'openmmlab').glob('mm*/*.py') if not p.name.startswith('_'))
@@ -30,6 +31,7 @@ TRANSNEXT_TINY = transnext_family.TINY[0][1]
 GENERIC_CASES = [
     ('nat_mini', NAT_TINY),
     ('transnext_micro', TRANSNEXT_TINY),
+    ('moh_transnext_base_50', moh_family.TINY[0][1]),
     ('overlock_xt', OVERLOCK_TINY),
     ('halonet_paper_h0', dict(block_size=2, halo_size=1, widths=(8, 16, 16, 32), num_heads=(1, 2, 2, 2),
                               depths=(1, 1, 2, 1), stem_chs=8)),

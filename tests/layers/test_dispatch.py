@@ -15,6 +15,8 @@ LARGE = (2, 2, 40, 40, 8)  # 1600 tokens: past the measured crossover
 # operator -> the name its Triton kernel is recorded under in GPU_VERIFIED
 TRITON_KERNEL = {'na2d': 'na2d', 'na2d_qk': 'na2d', 'na2d_av': 'na2d', 'halo': 'halo',
                  'window_qk': 'aggregated_window', 'window_av': 'aggregated_window'}
+# operators without a Triton kernel (their dispatch is tested with their layers: moh_heads in tests/models/test_moh.py)
+PLAIN_PYTORCH = {'moh_heads'}
 
 
 def cuda(shape=SMALL, dtype=torch.float16, has_rpb=True) -> Call:
@@ -38,23 +40,36 @@ def with_natten(monkeypatch):
 
 
 def test_table_covers_every_operator_with_the_reference_last():
-    assert set(OPERATORS) == set(TRITON_KERNEL)
+    assert set(OPERATORS) == set(TRITON_KERNEL) | PLAIN_PYTORCH
     for name, op in OPERATORS.items():
         assert op.backends[-1].name == 'torch', name
         assert op.choices[:2] == ('auto', 'torch')
         assert sorted(op.choices[2:]) == sorted(b.name for b in op.backends[:-1])
-    assert OPERATORS['na2d'].choices == ('auto', 'torch', 'triton', 'natten', 'dense')
+    assert OPERATORS['na2d'].choices == ('auto', 'torch', 'triton', 'natten', 'dense', 'blocked')
+    for half in ('na2d_qk', 'na2d_av'):
+        assert OPERATORS[half].choices == ('auto', 'torch', 'triton', 'blocked')
 
 
-def test_fused_na2d_off_cuda_is_dense_for_small_maps_else_the_reference():
+def test_fused_na2d_off_cuda_is_dense_for_small_maps_else_blocked_in_float32():
     assert select('na2d', cpu(SMALL)) == 'dense'
     assert select('na2d', cpu(SMALL, dtype=torch.bfloat16, has_rpb=False)) == 'dense'
-    assert select('na2d', cpu(LARGE)) == 'torch'
-    assert select('na2d', cpu((4096, 4, 16, 16, 8))) == 'torch'  # attention matrix too large
+    assert select('na2d', cpu(LARGE)) == 'blocked'
+    assert select('na2d', cpu((4096, 4, 16, 16, 8))) == 'blocked'  # attention matrix too large for dense
+    for unmeasured in (torch.float64, torch.bfloat16, torch.float16):
+        assert select('na2d', cpu(LARGE, dtype=unmeasured)) == 'torch'
     assert select('na2d', Call(torch.device('meta'), torch.float32, SMALL, True)) == 'dense'
+    assert select('na2d', Call(torch.device('meta'), torch.float32, LARGE, True)) == 'torch'
 
 
-@pytest.mark.parametrize('operator', ['na2d_qk', 'na2d_av', 'halo', 'window_qk', 'window_av'])
+@pytest.mark.parametrize('operator', ['na2d_qk', 'na2d_av'])
+def test_na2d_halves_on_cpu_run_blocked_in_float32_else_the_reference(operator):
+    assert select(operator, cpu(SMALL)) == 'blocked'
+    assert select(operator, cpu(LARGE, has_rpb=False)) == 'blocked'
+    for unmeasured in (torch.float64, torch.bfloat16, torch.float16):
+        assert select(operator, cpu(LARGE, dtype=unmeasured)) == 'torch'
+
+
+@pytest.mark.parametrize('operator', ['halo', 'window_qk', 'window_av'])
 def test_other_operators_off_cuda_run_the_reference(operator):
     assert select(operator, cpu(SMALL)) == 'torch'
     assert select(operator, cpu(LARGE, has_rpb=False)) == 'torch'
@@ -109,7 +124,7 @@ def test_natten_runs_fused_na2d_without_rpb_on_cuda_when_no_verified_kernel_can(
     monkeypatch.setattr(dispatch, 'triton_available', lambda: False)  # a CUDA machine without triton
     assert select('na2d', no_rpb) == 'natten'
     assert select('na2d', cpu(SMALL, has_rpb=False)) == 'dense'
-    assert select('na2d', cpu(LARGE, has_rpb=False)) == 'torch'
+    assert select('na2d', cpu(LARGE, has_rpb=False)) == 'blocked'
 
 
 def test_natten_is_never_picked_where_it_is_not_installed(monkeypatch):
@@ -154,6 +169,13 @@ def test_fused_only_backends_are_rejected_elsewhere_naming_where_they_run(operat
     for backend in ('natten', 'dense'):
         with pytest.raises(ValueError, match=rf"for {operator}, got '{backend}' \('{backend}' only runs na2d\)"):
             _calls(backend)[operator]()
+
+
+@pytest.mark.parametrize('operator', ['halo', 'window_qk', 'window_av'])
+def test_blocked_is_rejected_outside_neighbourhood_attention(operator):
+    with pytest.raises(ValueError, match=rf"for {operator}, got 'blocked' \('blocked' only runs na2d, na2d_qk, "
+                                         r"na2d_av\)"):
+        _calls('blocked')[operator]()
 
 
 @pytest.mark.parametrize('operator', sorted(TRITON_KERNEL))

@@ -110,7 +110,7 @@ def test_halo_attention_backward_reaches_every_parameter():
 
 
 @pytest.mark.parametrize('call, message', [
-    (lambda: HaloAttention(16, num_heads=2, block_size=4)(torch.randn(1, 16, 12, 10)),
+    (lambda: HaloAttention(16, num_heads=2, block_size=4, border='mask')(torch.randn(1, 16, 12, 10)),
      'divisible by block_size 4, got 12x10'),
     (lambda: HaloAttention(16, num_heads=2, block_size=4)(torch.randn(16, 8, 8)), r'\(B, C, H, W\) map'),
     (lambda: HaloAttention(16, num_heads=2, block_size=4)(torch.randn(1, 8, 8, 8)), '16 input channels, got 8'),

@@ -56,7 +56,8 @@ def gradient_problems(model: torch.nn.Module, allowed: dict) -> list:
 
 def test_every_family_is_registered():
     assert {'nat_mini', 'nat_tiny', 'nat_small', 'nat_base', 'dinat_mini', 'dinat_tiny', 'dinat_small', 'dinat_base',
-            'dinat_large', 'dinat_s_tiny', 'nat_isotropic_small', 'vitrpb_small'} <= set(ALL_MODELS)
+            'dinat_large', 'dinat_s_tiny', 'nat_isotropic_small', 'vitrpb_small', 'moh_transnext_small_80',
+            'moh_transnext_small_75', 'moh_transnext_base_75', 'moh_transnext_base_50'} <= set(ALL_MODELS)
 
 
 def test_names_do_not_shadow_timm_models():

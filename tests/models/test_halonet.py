@@ -2,19 +2,26 @@
 
 * H0-H7 parameter counts against the paper table (halonet_family.json), the rv / rb widths;
 * the model against timm's ByobNet HaloNet (the same structure when rv = 1): same function on the same weights;
-* checkpoint unwrapping and clear errors for inputs the model cannot tile.
+* checkpoint unwrapping and clear errors for inputs the model cannot take;
+* input sizes: `min_input_size` for timm's model tests, any multiple of 32 in `features_only` (detection sizes).
 """
 import json
+from collections import OrderedDict
 
 import pytest
 import timm
 import torch
 from timm.models.byobnet import ByobNet, ByoBlockCfg, ByoModelCfg
+from torchvision.ops import FeaturePyramidNetwork
 
 from conftest import fixtures_path, fixtures_root
+from tiny_configs import tiny_kwargs
+from zoo.layers.halo_attn import HaloAttention
 from zoo.models.halonet import checkpoint_filter_fn
 
 PAPER_MODELS = [f'halonet_paper_h{i}' for i in range(8)]
+
+pytestmark = pytest.mark.usefixtures('one_thread')
 
 
 def _family():
@@ -94,9 +101,88 @@ def test_checkpoint_filter_unwraps_training_checkpoints():
 def test_model_input_errors_name_the_constraint():
     model = timm.create_model('halonet_paper_h0', block_size=2, halo_size=1, widths=(8, 16, 16, 32),
                               num_heads=(1, 2, 2, 2), depths=(1, 1, 1, 1), stem_chs=8).eval()
-    with pytest.raises(ValueError, match=r'divisible by 32 \* block_size = 64, got 96x64'):
-        model(torch.randn(1, 3, 96, 64))
+    with pytest.raises(ValueError, match=r'divisible by 32, got 72x64'):
+        model(torch.randn(1, 3, 72, 64))
     with pytest.raises(ValueError, match='3 input channels, got 1'):
         model(torch.randn(1, 1, 64, 64))
     with pytest.raises(ValueError, match='whole number'):
         timm.create_model('halonet_paper_h0', widths=(9, 16, 16, 32), num_heads=(1, 2, 2, 2))
+
+
+def _attention_input_sizes(model: torch.nn.Module, size: int) -> list:
+    """(H, W, block_size) of every halo attention input for a size x size image, on the meta device (no compute)."""
+    seen = []
+    hooks = [m.register_forward_pre_hook(lambda m, args: seen.append((*args[0].shape[2:], m.block_size)))
+             for m in model.modules() if isinstance(m, HaloAttention)]
+    model(torch.empty(1, 3, size, size, device='meta'))
+    for hook in hooks:
+        hook.remove()
+    return seen
+
+
+@pytest.mark.parametrize('name', PAPER_MODELS)
+def test_min_input_size_is_the_smallest_size_tiled_without_padding(name):
+    """At min_input_size every attention layer's map is a multiple of its block (the paper's function, no
+    padding); 32 pixels less, the last stage is not. It never exceeds the training size."""
+    with torch.device('meta'):
+        model = timm.create_model(name).eval()
+    channels, height, width = model.pretrained_cfg['min_input_size']
+    assert channels == 3 and height == width <= model.pretrained_cfg['input_size'][1]
+    assert all(h % b == 0 and w % b == 0 for h, w, b in _attention_input_sizes(model, height))
+    assert any(h % b or w % b for h, w, b in _attention_input_sizes(model, height - 32))
+
+
+def _timm_test_size(cfg: dict, target: int) -> tuple:
+    """The input size timm's own model tests (tests/test_models.py) feed a model for a target size: the cfg size,
+    else min_input_size when the cfg size exceeds the target (without one, the cfg size clamped to the target)."""
+    if cfg.get('fixed_input_size') or max(cfg['input_size']) <= target:
+        return cfg['input_size']
+    return cfg.get('min_input_size') or tuple(min(x, target) for x in cfg['input_size'])
+
+
+@pytest.mark.parametrize('name', ['halonet_paper_h0', 'halonet_paper_h4', 'halonet_paper_h7'])
+def test_sizes_timm_model_tests_choose_run(name):
+    """timm's test targets (forward 256 on CI / 384, backward, jit and fx 128, features 96): the size its rule
+    picks runs, and so does the clamped size it picked before min_input_size existed. Narrow widths; the paper's
+    block and halo sizes, which decide what tiles."""
+    tiny = {k: v for k, v in tiny_kwargs(name).items() if k not in ('block_size', 'halo_size')}
+    torch.manual_seed(0)
+    model = timm.create_model(name, **tiny).eval()
+    cfg = model.pretrained_cfg
+    sizes = {_timm_test_size(cfg, t) for t in (96, 128, 256, 384)}
+    sizes |= {tuple(min(x, t) for x in cfg['input_size']) for t in (96, 128, 256)}
+    with torch.no_grad():
+        for size in sorted(sizes):
+            out = model(torch.randn(1, *size))
+            assert out.shape == (1, model.num_classes) and torch.isfinite(out).all(), size
+
+
+@pytest.mark.parametrize('size', [(224, 224), (256, 256), (320, 320), (256, 320), (96, 160)])
+def test_features_only_takes_any_multiple_of_32_in_a_detection_neck(size):
+    """Detection and segmentation feed sizes such as 224 (not a multiple of 32 * block_size = 256 for H0's b = 8):
+    the attention pads inside, the features keep strides 4-32, and an FPN over them runs."""
+    name = 'halonet_paper_h0'
+    tiny = {k: v for k, v in tiny_kwargs(name).items() if k not in ('block_size', 'halo_size')}
+    torch.manual_seed(0)
+    backbone = timm.create_model(name, features_only=True, **tiny).eval()
+    neck = FeaturePyramidNetwork(backbone.feature_info.channels(), out_channels=8)
+    with torch.no_grad():
+        feats = backbone(torch.randn(1, 3, *size))
+        pyramid = neck(OrderedDict((str(i), f) for i, f in enumerate(feats)))
+    assert [tuple(f.shape[2:]) for f in feats] == [(size[0] // s, size[1] // s) for s in (4, 8, 16, 32)]
+    assert all(torch.isfinite(p).all() and p.shape[1] == 8 for p in pyramid.values())
+
+
+def test_padding_only_where_the_map_does_not_tile():
+    """Sizes that tile give the same features as before padding existed would (no padded layer); a size that does
+    not tile equals running each attention layer on its zero-padded map and cropping (the 'zeros' border rule)."""
+    torch.manual_seed(0)
+    layer = HaloAttention(8, num_heads=2, block_size=4, halo_size=1).eval()
+    x = torch.randn(1, 8, 10, 6)
+    padded = torch.nn.functional.pad(x, (0, 2, 0, 2))
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), layer(padded)[:, :, :10, :6], rtol=0, atol=0)
+    strided = HaloAttention(8, num_heads=2, block_size=4, halo_size=1, stride=2).eval()
+    with torch.no_grad():
+        assert strided(x).shape == (1, 8, 5, 3)
+        torch.testing.assert_close(strided(x), strided(padded)[:, :, :5, :3], rtol=0, atol=0)

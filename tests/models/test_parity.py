@@ -27,7 +27,7 @@ FAMILIES = PARITY_FOLDERS
 
 # The public cases and manifests (JSON stems) of every fixture folder, written out: the tests below glob the
 # folders at import, so a folder that lost files would otherwise just run fewer cases. Hidden cases may sit beside
-# them. moh's family is not implemented yet: only its files are checked (its logits need the models).
+# them.
 EXPECTED_FIXTURES = {
     'nat': ['nat_mini_k7_224', 'nat_small_k5_layerscale_odd',
             *(f'keys_nat_{v}' for v in ('mini', 'tiny', 'small', 'base', 'isotropic_small', 'isotropic_base'))],

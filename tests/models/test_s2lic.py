@@ -15,14 +15,7 @@ PAPER_PARTS_M = {'swinv2_blocks': 5.4, 'stride_convs': 2.5, 'h_a': 1.9, 'h_s': 1
                  'residual_prediction': 25.9}
 PAPER_KNOWN_TOTAL_M = 59.5
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One thread: the CI machine is shared, and oversubscribed threads make these small ops 10x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures('one_thread')
 
 
 def tiny(**kwargs) -> S2LIC:

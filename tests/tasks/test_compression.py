@@ -215,7 +215,7 @@ def test_recipe_errors_are_clear(data_root, overrides, error, match):
     (['data.img_size=48'], 'multiple of .* pad_multiple 64'),
     (['loss.metric=ms-ssim', 'model.quality=7'], 'no default lambda for ms-ssim quality 7'),
     (['loss.metric=ms-ssim'], 'ms-ssim needs training crops of at least 161'),
-    (['data.name=photoz'], "data.name must be 'photos'"),
+    (['data.name=photoz'], "data.name must be one of photos, folder for compression, got 'photoz'"),
     (['model.quality=null'], 'model.quality is required'),
 ])
 def test_training_setup_errors_are_clear(data_root, tmp_path, overrides, match):

@@ -9,7 +9,7 @@ import timm
 import torch
 from safetensors.torch import save_file
 
-from conftest import REPO
+from conftest import REPO, measured
 from tiny_configs import tiny_kwargs
 from zoo.data.coco import CocoInstances, detection_collate, shapes_coco
 from zoo.data.shapes import ShapesConfig, render_sample
@@ -262,7 +262,9 @@ def test_train_writes_a_detector_that_evaluate_checkpoint_reproduces(tmp_path):
                              str(data / 'images'), '--batch-size', '3', '--workers', '0',
                              '--json', str(tmp_path / 'eval.json')], capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr
-    assert json.loads((tmp_path / 'eval.json').read_text()) == pytest.approx(evaluated)
+    written = json.loads((tmp_path / 'eval.json').read_text())
+    assert measured(written) == pytest.approx(measured(evaluated))
+    assert written['device'] == 'cpu' and written['checkpoint'] == str(run / 'model')
 
 
 @pytest.mark.heavy

@@ -7,6 +7,7 @@ import torch
 from PIL import Image, features
 
 from zoo.codecs.metrics import measure, rd_point
+from zoo.progress import track
 
 __all__ = ['CLASSIC_CODECS', 'classic_spec', 'classic_unavailable', 'encode_classic', 'decode_classic',
            'evaluate_classic']
@@ -74,7 +75,7 @@ def evaluate_classic(name: str, images: Mapping[str, torch.Tensor],
     if reason:
         raise RuntimeError(f'{name} is unavailable: {reason}')
     points = []
-    for setting in settings or classic_spec(name)['settings']:
+    for setting in track(settings or classic_spec(name)['settings'], name, unit='setting'):
         per_image = {key: measure(image, lambda x: encode_classic(name, x, setting), decode_classic)[0]
                      for key, image in images.items()}
         points.append(dict(setting=setting, **rd_point(per_image)))

@@ -17,6 +17,7 @@ from zoo.codecs.factory import load_codec
 from zoo.codecs.metrics import METRICS, evaluate_codec
 from zoo.data.images import image_files, load_rgb
 from zoo.data.photos import load_held_out_photos
+from zoo.progress import track
 
 __all__ = ['BUNDLED_PHOTOS', 'load_images', 'compressai_results', 'write_compressai_json', 'read_compressai_json',
            'COMPRESSAI_KODAK', 'plot_rd', 'evaluate_rate_distortion', 'format_summary']
@@ -164,7 +165,7 @@ def _group_checkpoints(paths: Sequence[str], role: str) -> Dict[str, Dict[int, s
 def _learned_curve(model: str, by_quality: Dict[int, str], role: str, images: Mapping[str, torch.Tensor]) -> dict:
     """Evaluate one model's checkpoints (one RD point per quality, rising quality) -> curve dict."""
     points = []
-    for quality in sorted(by_quality):
+    for quality in track(sorted(by_quality), f'{role} {model}', unit='quality'):
         codec = load_codec(by_quality[quality])[0]
         points.append(dict(evaluate_codec(codec, model, quality, images), checkpoint=str(by_quality[quality])))
     curve = compressai_results(model, f'Inference (ans), zoo bitstreams, {len(images)} images', points)
@@ -183,8 +184,6 @@ def _classic_curve(name: str, images: Mapping[str, torch.Tensor], settings: Opti
                                      f'{len(images)} images', points)
     curve.update(role='classic', setting=[p['setting'] for p in points], per_image=[p['per_image'] for p in points])
     return curve
-
-
 
 
 def _curve_file_name(name: str) -> str:

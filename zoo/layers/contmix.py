@@ -3,7 +3,8 @@
 ContMix turns each pixel's affinities to a few pooled context centres into per-pixel dynamic kernels and
 aggregates the value map with them over a NATTEN neighbourhood (window clamped inside the map, never
 zero-padded). The aggregation is `zoo.layers.na2d_av`, the value half of neighborhood attention, so the
-dynamic kernels run on the same reference code and the same Triton kernel (backend='auto'|'torch'|'triton').
+dynamic kernels run on the same backends: reference, Triton kernel and blocked path
+(backend='auto'|'torch'|'triton'|'blocked').
 
 Parts, with the official state-dict names (so official checkpoints load strictly):
 * `GRN`: ConvNeXt-V2 global response normalisation (`gamma`, `beta`).
@@ -187,7 +188,7 @@ def contmix_aggregate(value: torch.Tensor, attn_small: torch.Tensor, attn_large:
         value: (B, C, H, W); channels are read as (2, G, C / (2G)): the first half is aggregated with the
             small kernels, the second half with the large ones.
         attn_small: (B, G, H, W, s*s) and attn_large: (B, G, H, W, k*k) kernel weights, slot t_row * k + t_col.
-        backend: na2d_av backend ('auto' | 'torch' | 'triton').
+        backend: na2d_av backend ('auto' | 'torch' | 'triton' | 'blocked').
 
     Returns:
         (B, C, H, W), same channel order as value.

@@ -154,8 +154,10 @@ def dgqa_allocation(norms: torch.Tensor, cache: torch.Tensor, kind: str, num_hea
 def kv_head_index(alloc: torch.Tensor, num_heads: int) -> torch.Tensor:
     """(..., G) allocation -> (..., H) int64 K/V head used by each query head (consecutive chunks in order)."""
     bounds = alloc.cumsum(-1)
-    heads = torch.arange(num_heads, device=alloc.device).expand(*alloc.shape[:-1], num_heads)
-    return torch.searchsorted(bounds.contiguous(), heads.contiguous(), right=True)
+    heads = torch.arange(num_heads, device=alloc.device)
+    # the number of chunk ends at or before each head, i.e. searchsorted(bounds, heads, right=True) as a comparison
+    # and a sum, which ONNX has (it has no searchsorted)
+    return (bounds[..., None, :] <= heads[:, None]).sum(-1)
 
 
 def grouped_query_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_index: Optional[torch.Tensor] = None,

@@ -22,6 +22,7 @@ Layout of the functional API: (B, heads, H, W, head_dim), the same as zoo.layers
 The reference path unfolds keys and values into per-block windows (about (win/b)^2 copies of the map) and
 gathers the relative logits from two (2*win - 1)-long tables; nothing is O((HW)^2).
 """
+import math
 from typing import Optional, Tuple
 
 import torch
@@ -125,15 +126,17 @@ def halo_relative_logits(query_blocks: torch.Tensor, height_rel: torch.Tensor, w
         if table.dim() != 2 or tuple(table.shape) != (2 * win - 1, query_blocks.shape[-1]):
             raise ValueError(f'{name} must have shape (2*win - 1, head_dim) = {(2 * win - 1, query_blocks.shape[-1])},'
                              f' got {tuple(table.shape)}')
-    block_q = round(query_blocks.shape[-2] ** 0.5)
+    block_q = math.isqrt(query_blocks.shape[-2])
     pos = torch.arange(block_q, device=query_blocks.device)
     # index[qy, ky] = ky - qy + win - 1, one row per query row (or column) of the block
     index = torch.arange(win, device=query_blocks.device)[None, :] - pos[:, None] + win - 1
     rows = index.repeat_interleave(block_q, dim=0)  # query m -> its row qy = m // bq
     cols = index.repeat(block_q, 1)  # query m -> its column qx = m % bq
     lead = query_blocks.shape[:-2]
-    rel_h = (query_blocks @ height_rel.to(query_blocks.dtype).t()).gather(-1, rows.expand(*lead, -1, -1))
-    rel_w = (query_blocks @ width_rel.to(query_blocks.dtype).t()).gather(-1, cols.expand(*lead, -1, -1))
+    # the last dim named by its positive index: onnx's reference evaluator mis-slices GatherElements with axis -1
+    last = query_blocks.dim() - 1
+    rel_h = (query_blocks @ height_rel.to(query_blocks.dtype).t()).gather(last, rows.expand(*lead, -1, -1))
+    rel_w = (query_blocks @ width_rel.to(query_blocks.dtype).t()).gather(last, cols.expand(*lead, -1, -1))
     return rel_h, rel_w
 
 
@@ -270,16 +273,38 @@ class HaloAttention(nn.Module):
         x = x.reshape(batch, self.num_heads, sum(dims), height, width).permute(0, 1, 3, 4, 2)
         return torch.split(x, dims, dim=-1)
 
+    def _pad_to_blocks(self, x: torch.Tensor) -> torch.Tensor:
+        """Zero-pad (B, C, H, W) bottom/right to multiples of block_size.
+
+        With bias-free q/kv projections a zero pixel gives zero keys and values, which is what the 'zeros' border
+        rule already puts outside the map: the real queries see the same window contents as at the border. The
+        'mask' rule would need to know the real extent, so it requires exact multiples.
+        """
+        pad_h, pad_w = -x.shape[2] % self.block_size, -x.shape[3] % self.block_size
+        if not (pad_h or pad_w):
+            return x
+        if self.border != 'zeros' or self.kv.bias is not None:
+            raise ValueError(f"halo attention with border={self.border!r} and qkv_bias={self.kv.bias is not None} "
+                             f"needs H and W divisible by block_size {self.block_size}, got "
+                             f"{x.shape[2]}x{x.shape[3]} (only border='zeros' without qkv bias pads)")
+        return F.pad(x, (0, pad_w, 0, pad_h))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, dim, H, W) -> (B, dim_out, H/stride, W/stride); H and W divisible by block_size."""
+        """(B, dim, H, W) -> (B, dim_out, H/stride, W/stride), H and W divisible by stride.
+
+        Maps that are not multiples of block_size are zero-padded and the output cropped (`_pad_to_blocks`).
+        """
         if not isinstance(x, torch.Tensor) or x.dim() != 4:
             raise ValueError(f'HaloAttention expects a (B, C, H, W) map, got '
                              f'{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}')
         if x.shape[1] != self.q.in_channels:
             raise ValueError(f'HaloAttention expects {self.q.in_channels} input channels, got {x.shape[1]}')
-        if x.shape[2] % self.block_size or x.shape[3] % self.block_size:
-            raise ValueError(f'halo attention needs H and W divisible by block_size {self.block_size}, '
+        stride = self.block_stride * (2 if isinstance(self.pool, nn.AvgPool2d) else 1)
+        if x.shape[2] % stride or x.shape[3] % stride:
+            raise ValueError(f'halo attention with stride {stride} needs H and W divisible by {stride}, '
                              f'got {x.shape[2]}x{x.shape[3]}')
+        out_h, out_w = x.shape[2] // stride, x.shape[3] // stride
+        x = self._pad_to_blocks(x)
         (query,) = self._split_heads(self.q(x), (self.dim_head_qk,))
         # kv output channels are grouped per head as [k_h, v_h] (timm's layout)
         key, value = self._split_heads(self.kv(x), (self.dim_head_qk, self.dim_head_v))
@@ -288,5 +313,4 @@ class HaloAttention(nn.Module):
                                 self.backend)
         batch, _, height, width, _ = out.shape
         out = out.permute(0, 1, 4, 2, 3).reshape(batch, self.num_heads * self.dim_head_v, height, width)
-        return self.pool(out)
-
+        return self.pool(out)[:, :, :out_h, :out_w]

@@ -17,6 +17,8 @@ neighbour order t_row * k + t_col.
 The reference path below is plain PyTorch. It loops over the k*k window slots and works on
 whole-map gathers, so its temporaries are the size of one input tensor and nothing is O((HW)^2).
 Custom autograd functions keep backward equally lean (they save inputs, never gathered slabs).
+The blocked path (zoo.layers.kernels.na2d_blocked) computes the same in query tiles with a few large matrix
+products; on CPU it is what backend='auto' runs.
 The index tables live in zoo.layers.window_geometry, shared with the other backends (zoo.layers.kernels),
 which the dispatch table picks per call.
 """
@@ -34,7 +36,7 @@ __all__ = [
     'BACKENDS',
 ]
 
-# backend= values of the fused operator (its halves take 'auto', 'torch' and 'triton').
+# backend= values of the fused operator (its halves take 'auto', 'torch', 'triton' and 'blocked').
 BACKENDS = dispatch.backend_choices('na2d')
 
 
@@ -205,15 +207,19 @@ def na2d_qk(query: torch.Tensor, key: torch.Tensor, kernel_size: int, dilation: 
         kernel_size: odd window size k; k * dilation must not exceed H or W.
         dilation: dilation d >= 1.
         rpb: optional (heads, 2k-1, 2k-1) relative position bias.
-        backend: 'auto' | 'torch' | 'triton'.
+        backend: 'auto' (zoo.layers.kernels.dispatch) | 'torch' | 'triton' | 'blocked'.
 
     Returns:
         (B, heads, H, W, k*k) logits, neighbour order t_row * k + t_col.
     """
     _check_qk(query, key, kernel_size, dilation, rpb)
-    if dispatch.resolve('na2d_qk', backend, query, has_rpb=rpb is not None) == 'triton':
+    backend = dispatch.resolve('na2d_qk', backend, query, has_rpb=rpb is not None)
+    if backend == 'triton':
         from .kernels import na2d_triton
         return na2d_triton.na2d_qk(query, key, kernel_size, dilation, rpb)
+    if backend == 'blocked':
+        from .kernels import na2d_blocked
+        return na2d_blocked.na2d_qk(query, key, kernel_size, dilation, rpb)
     return _NeighborhoodQK.apply(query.contiguous(), key.contiguous(), rpb, kernel_size, dilation)
 
 
@@ -225,15 +231,19 @@ def na2d_av(attn: torch.Tensor, value: torch.Tensor, kernel_size: int, dilation:
         attn: (B, heads, H, W, k*k) weights, neighbour order t_row * k + t_col.
         value: (B, heads, H, W, head_dim).
         kernel_size, dilation: as in `na2d_qk`.
-        backend: 'auto' | 'torch' | 'triton'.
+        backend: 'auto' (zoo.layers.kernels.dispatch) | 'torch' | 'triton' | 'blocked'.
 
     Returns:
         (B, heads, H, W, head_dim).
     """
     _check_av(attn, value, kernel_size, dilation)
-    if dispatch.resolve('na2d_av', backend, value) == 'triton':
+    backend = dispatch.resolve('na2d_av', backend, value)
+    if backend == 'triton':
         from .kernels import na2d_triton
         return na2d_triton.na2d_av(attn, value, kernel_size, dilation)
+    if backend == 'blocked':
+        from .kernels import na2d_blocked
+        return na2d_blocked.na2d_av(attn, value, kernel_size, dilation)
     return _NeighborhoodAV.apply(attn.contiguous(), value.contiguous(), kernel_size, dilation)
 
 
@@ -249,8 +259,9 @@ def neighborhood_attention_2d(query: torch.Tensor, key: torch.Tensor, value: tor
         rpb: optional (heads, 2k-1, 2k-1) relative position bias, added after scaling.
         scale: multiplies q.k only; default head_dim ** -0.5.
         backend: 'auto' (zoo.layers.kernels.dispatch: the Triton kernel on CUDA where verified, natten on CUDA
-            without rpb where no verified kernel runs, dense attention for small maps off CUDA, else the
-            reference) | 'torch' | 'triton' | 'natten' | 'dense'.
+            without rpb where no verified kernel runs, on CPU the blocked path (zoo.layers.kernels.na2d_blocked)
+            or dense attention where measured faster, else the reference) | 'torch' | 'triton' | 'natten' |
+            'dense' | 'blocked'.
 
     Returns:
         (B, heads, H, W, head_dim).
@@ -271,6 +282,9 @@ def neighborhood_attention_2d(query: torch.Tensor, key: torch.Tensor, value: tor
     if backend == 'dense':
         from .kernels import na2d_dense
         return na2d_dense.neighborhood_attention_2d(query, key, value, kernel_size, dilation, rpb, scale)
+    if backend == 'blocked':
+        from .kernels import na2d_blocked
+        return na2d_blocked.neighborhood_attention_2d(query, key, value, kernel_size, dilation, rpb, scale)
     logits = _NeighborhoodQK.apply((query * scale).contiguous(), key.contiguous(), rpb, kernel_size, dilation)
     # CUDA autocast returns the softmax in fp32: the weights go back to the values' dtype, as attn @ v would
     return _NeighborhoodAV.apply(logits.softmax(dim=-1).to(value.dtype), value.contiguous(), kernel_size, dilation)

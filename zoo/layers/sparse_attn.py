@@ -137,7 +137,8 @@ def connectivity_mask(key_index: torch.Tensor, num_tokens: int) -> torch.Tensor:
     """(B, H, N - 1, budget) kept indices -> (B, H, N, N) bool mask, the cls query row all True."""
     batch, heads, rows, _ = key_index.shape
     mask = torch.zeros(batch, heads, rows, num_tokens, dtype=torch.bool, device=key_index.device)
-    mask.scatter_(-1, key_index, True)
+    # a tensor source, not the scalar True: torch.jit.trace has no alias rule for scatter_ with a bool scalar
+    mask.scatter_(-1, key_index, torch.ones_like(key_index, dtype=torch.bool))
     return torch.cat([mask.new_ones(batch, heads, 1, num_tokens), mask], dim=2)
 
 

@@ -3,6 +3,7 @@
 
 Private (leading underscore), so `zoo.models` does not take it for a family.
 """
+import argparse
 import pickle
 from pathlib import Path
 from typing import Any, Dict, Mapping, Union
@@ -51,7 +52,8 @@ def unwrap_state_dict(checkpoint: Mapping[str, Any], use_ema: bool = True) -> Di
 
 def read_state_dict(path: Union[str, Path], use_ema: bool = True) -> Dict[str, torch.Tensor]:
     """The state dict of a weights file on disk: safetensors (by the `.safetensors` suffix) or a torch file read
-    with `weights_only=True`, which refuses pickled code; then `unwrap_state_dict(..., use_ema)`, on the CPU.
+    with `weights_only=True`, which refuses pickled code (argparse.Namespace, plain data, is allowed); then
+    `unwrap_state_dict(..., use_ema)`, on the CPU.
 
     FileNotFoundError when there is no file; ValueError naming the file when it is truncated, not a weights
     file, pickles objects other than tensors and containers, or holds no state dict.
@@ -63,7 +65,9 @@ def read_state_dict(path: Union[str, Path], use_ema: bool = True) -> Dict[str, t
         if path.suffix == '.safetensors':
             checkpoint = load_file(str(path), device='cpu')
         else:
-            checkpoint = torch.load(str(path), map_location='cpu', weights_only=True)
+            # training checkpoints carry their argparse.Namespace of arguments (timm's loader allows it too)
+            with torch.serialization.safe_globals([argparse.Namespace]):
+                checkpoint = torch.load(str(path), map_location='cpu', weights_only=True)
     except PermissionError:
         raise
     except (SafetensorError, pickle.UnpicklingError, EOFError, RuntimeError, OSError, UnicodeDecodeError) as error:

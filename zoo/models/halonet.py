@@ -171,15 +171,15 @@ class HaloNet(nn.Module):
                     nn.init.zeros_(module.conv3_1x1.bn.weight)
 
     def check_input(self, x: torch.Tensor) -> None:
-        """Raise ValueError unless x is a floating-point (B, in_chans, H, W) with H, W divisible by 32 * block_size.
+        """Raise ValueError unless x is a floating-point (B, in_chans, H, W) with H, W divisible by 32.
 
-        Stage 4 runs its blocks on the H/32 map, which the blocked attention must tile exactly.
+        Every stage map is then whole (stride 32); a map that the blocked attention cannot tile exactly (sizes not
+        divisible by 32 * block_size) is zero-padded inside each attention layer and cropped back
+        (zoo.layers.halo_attn.HaloAttention), so detection and segmentation sizes work too.
         """
         check_image_batch(x, self.in_chans, 'HaloNet')
-        multiple = 32 * self.block_size
-        if x.shape[2] % multiple or x.shape[3] % multiple:
-            raise ValueError(f'halonet needs H and W divisible by 32 * block_size = {multiple}, '
-                             f'got {x.shape[2]}x{x.shape[3]}')
+        if x.shape[2] % 32 or x.shape[3] % 32:
+            raise ValueError(f'halonet needs H and W divisible by 32, got {x.shape[2]}x{x.shape[3]}')
 
     @torch.jit.ignore
     def group_matcher(self, coarse: bool = False) -> Dict:
@@ -260,7 +260,7 @@ class HaloNet(nn.Module):
         return take_indices
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, in_chans, H, W) -> (B, num_features, H/32, W/32); H, W divisible by 32 * block_size."""
+        """(B, in_chans, H, W) -> (B, num_features, H/32, W/32); H, W divisible by 32."""
         self.check_input(x)
         x = self.stem(x)
         for stage in self.stages:
@@ -301,10 +301,14 @@ _NO_WEIGHTS = ('No official HaloNet code or weights exist (paper-only; timm has 
                'Train with recipes/classification/halonet.')
 
 
-def _cfg(img_size: int, **kwargs) -> Dict:
-    # eval crop and interpolation: timm's HaloNet defaults (the paper's were not retrieved)
+def _cfg(img_size: int, block_size: int, **kwargs) -> Dict:
+    # eval crop and interpolation: timm's HaloNet defaults (the paper's were not retrieved).
+    # min_input_size: the smallest size at which the attention tiles every stage without padding (stage 4 map =
+    # block_size); timm's model tests take it instead of shrinking the input to a size of their own.
+    tiled = 32 * block_size
     return imagenet_cfg(**{
         'input_size': (3, img_size, img_size),
+        'min_input_size': (3, tiled, tiled),
         'pool_size': (img_size // 32, img_size // 32),
         'crop_pct': 0.95,
         'first_conv': 'stem.conv1.conv',
@@ -329,15 +333,16 @@ _PAPER = {
     'h6': (8, 4, 3.0, 2.75, 24, 1536, 512),
     'h7': (10, 3, 4.0, 3.5, 26, 2048, 600),
 }
-# H7's 600 px cannot be tiled: 600 / 32 is not a multiple of b = 10 (the input must be a multiple of 32 * b =
-# 320). Its default cfg uses 640, the smallest size >= 600 that the blocked attention tiles.
+# H7's 600 px cannot be tiled: 600 / 32 is not a multiple of b = 10 (the attention tiles inputs that are multiples
+# of 32 * b = 320 without padding). Its default cfg uses 640, the smallest size >= 600 that it tiles.
 _CFG_IMG_SIZE = {name: spec[6] for name, spec in _PAPER.items()}
 _CFG_IMG_SIZE['h7'] = 640
 
 default_cfgs = generate_default_cfgs({
     f'halonet_paper_{name}.untrained': _cfg(
-        size, **({'notes': (_NO_WEIGHTS, 'Paper resolution 600 is not divisible by 32 * b = 320; 640 is used.')}
-                 if name == 'h7' else {}))
+        size, _PAPER[name][0],
+        **({'notes': (_NO_WEIGHTS, 'Paper resolution 600 is not divisible by 32 * b = 320; 640 is used.')}
+           if name == 'h7' else {}))
     for name, size in _CFG_IMG_SIZE.items()
 })
 

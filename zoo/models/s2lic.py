@@ -80,7 +80,7 @@ from zoo.layers.entropy_tables import refresh_tables, tables_stale, track_loaded
 from zoo.layers.swinv2 import ResidualSwinV2Block
 
 __all__ = ['S2LIC', 'ChannelContext', 'GlobalInterContext', 'CrossModulation', 'LatentResidualPrediction',
-           'quantize_around', 'checkerboard_anchor_mask', 'CodecPretrainedCfg']
+           'CheckerboardContextConv', 'quantize_around', 'checkerboard_anchor_mask', 'CodecPretrainedCfg']
 
 # (slice index, half mask (1, 1, h, w) bool, means (B, s, h, w), scales (B, s, h, w)) -> y_hat on that half, 0 elsewhere
 HalfQuantizer = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -112,6 +112,15 @@ def checkerboard_anchor_mask(height: int, width: int, device: torch.device) -> t
     rows = torch.arange(height, device=device)[:, None]
     cols = torch.arange(width, device=device)[None, :]
     return ((rows + cols) % 2 == 0)[None, None]
+
+
+class CheckerboardContextConv(CheckerboardMaskedConv2d):
+    """compressai's checkerboard-masked conv (same mask, state-dict keys and output) with the mask applied in the
+    graph: compressai's forward assigns the masked weights to `weight.data`, which torch.compile and torch.export
+    cannot capture. (B, C_in, H, W) -> (B, C_out, H, W)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._conv_forward(x, self.weight * self.mask, self.bias)
 
 
 class CrossModulation(nn.Module):
@@ -315,7 +324,7 @@ class S2LIC(CompressionModel):
         self.global_context = nn.ModuleList(
             GlobalInterContext(s, i, ag_sample_stride, ag_offset_range) for i in range(1, num_slices))
         self.spatial_context = nn.ModuleList(
-            CheckerboardMaskedConv2d(s, 2 * s, 5, padding=2) for _ in range(num_slices))
+            CheckerboardContextConv(s, 2 * s, 5, padding=2) for _ in range(num_slices))
         self.anchor_parameters = nn.ModuleList(
             _conv_stack([2 * M + extra, *ep_widths, 2 * s], kernel_size=1) for extra in earlier_context)
         self.nonanchor_parameters = nn.ModuleList(
@@ -396,13 +405,27 @@ class S2LIC(CompressionModel):
             raise ValueError(f'S2LIC needs H and W to be positive multiples of pad_multiple={self.pad_multiple} '
                              f'(pad, then crop), got {height}x{width}')
 
+    def _z_likelihoods(self, z: torch.Tensor) -> torch.Tensor:
+        """(B, N, h, w) -> likelihoods of z under the entropy bottleneck, what EntropyBottleneck.forward returns.
+
+        The same computation with the channels-first permutation in Python ints: compressai builds it as a tensor,
+        and a permute by tensor values is data-dependent, which torch.compile and torch.export cannot follow.
+        """
+        bottleneck = self.entropy_bottleneck
+        values = z.transpose(0, 1).reshape(z.shape[1], 1, -1)  # (N, 1, B*h*w), channel-major like compressai
+        mode = 'noise' if self.training else 'dequantize'
+        likelihood, _, _ = bottleneck._likelihood(bottleneck.quantize(values, mode, bottleneck._get_medians()))
+        if bottleneck.use_likelihood_bound:
+            likelihood = bottleneck.likelihood_lower_bound(likelihood)
+        return likelihood.reshape(z.shape[1], z.shape[0], *z.shape[2:]).transpose(0, 1)
+
     def forward(self, x: torch.Tensor) -> Dict:
         """x (B, 3, H, W) in [0, 1] -> {'x_hat': (B, 3, H, W), 'likelihoods': {'y': (B, M, H/16, W/16),
         'z': (B, N, H/64, W/64)}}; in eval mode x_hat equals decompress(compress(x)) before clamping."""
         self._check_image(x)
         y = self.g_a(x)
         z = self.h_a(y)
-        _, z_likelihoods = self.entropy_bottleneck(z)
+        z_likelihoods = self._z_likelihoods(z)
         z_hat = quantize_around(z, self.entropy_bottleneck._get_medians())
         half_likelihoods: List[torch.Tensor] = []
 

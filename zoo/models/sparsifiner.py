@@ -159,7 +159,8 @@ class SparsifinerAttention(nn.Module):
         if token_mask is not None:
             score = score.masked_fill(~token_mask, float('-inf'))
         index = score.topk(self.token_budget, dim=-1, sorted=False).indices
-        return torch.zeros_like(score, dtype=torch.bool).scatter(-1, index, True)
+        # a tensor source, not the scalar True, which torch.jit.trace cannot record (see connectivity_mask)
+        return torch.zeros_like(score, dtype=torch.bool).scatter(-1, index, torch.ones_like(index, dtype=torch.bool))
 
 
 def resolve_attn_impl(attn_impl: str, keep_fraction: float, device: torch.device) -> str:

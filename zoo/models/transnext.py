@@ -9,6 +9,11 @@ State-dict names are the official ones (`patch_embed{i}`, `block{i}.{j}`, `norm{
 window masks, length scales, pooled-grid sizes and position-bias tables are derived from each input's size,
 so a model runs at any H and W divisible by 32 (a 224 checkpoint evaluates at 384 without rebuilding);
 `pretrain_size` (default `img_size`) sets the CPB coordinate normalisation, as in the official code.
+
+MoH-ViT (MoH: Multi-Head Attention as Mixture-of-Head Attention, Jin et al. 2024, https://arxiv.org/abs/2410.11842;
+official code and weights https://github.com/SkyworkAI/MoH, Apache-2.0; docs/moh.md) is TransNeXt with
+mixture-of-heads gating in its attention layers: the per-stage `shared_head` / `routed_head` arguments (the official
+names) switch it on, and the `moh_transnext_*` factories are the official variants.
 """
 from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
@@ -90,6 +95,11 @@ class TransNeXt(nn.Module):
         proj_drop_rate, attn_drop_rate, drop_path_rate: in-block dropouts, stochastic depth (linear over blocks).
         norm_layer: block and stage norm (LayerNorm eps 1e-6; patch-embed and pooled norms keep eps 1e-5).
         backend: window-operator backend of aggregated attention ('auto' | 'torch' | 'triton').
+        shared_head, routed_head: per stage, MoH's shared-head count S and top-k count k of routed heads among the
+            other h - S (official names; zoo.layers.mixture_of_heads). None (the default) = plain TransNeXt;
+            `routed_head` defaults to 0 per stage, which needs S = h (every head shared, gated per token).
+        moh_backend: mixture-of-heads execution ('auto' | 'torch' = gate every head | 'routed' = compute routed
+            heads only for the tokens that selected them).
     """
 
     def __init__(
@@ -113,6 +123,9 @@ class TransNeXt(nn.Module):
             sr_ratios: Sequence[int] = (8, 4, 2, 1),
             norm_layer: Optional[Callable] = None,
             backend: str = 'auto',
+            shared_head: Optional[Sequence[int]] = None,
+            routed_head: Optional[Sequence[int]] = None,
+            moh_backend: str = 'auto',
             device=None,
             dtype=None,
     ):
@@ -124,6 +137,7 @@ class TransNeXt(nn.Module):
         mlp_ratios = _per_stage(mlp_ratios, num_stages, 'mlp_ratios')
         sr_ratios = _per_stage(sr_ratios, num_stages, 'sr_ratios')
         window_size = _per_stage(window_size, num_stages, 'window_size')
+        shared_head, routed_head = _head_splits(shared_head, routed_head, num_stages)
         norm_layer = norm_layer or (lambda dim, **kw: nn.LayerNorm(dim, eps=1e-6, **kw))
         pretrain_size = to_2tuple(pretrain_size or img_size)
         self.num_stages = num_stages
@@ -144,13 +158,15 @@ class TransNeXt(nn.Module):
             else:
                 embed = OverlapPatchEmbed(embed_dims[i - 1], embed_dims[i], 3, 2, **dd)
             blocks = []
+            moh = dict(shared_head=shared_head[i], routed_head=routed_head[i], moh_backend=moh_backend)
             for j in range(depths[i]):
                 if window_size[i] is None:
                     attn = ScaledCosineAttention(embed_dims[i], num_heads[i], stage_pretrain, qkv_bias,
-                                                 attn_drop_rate, proj_drop_rate, **dd)
+                                                 attn_drop_rate, proj_drop_rate, **moh, **dd)
                 else:
                     attn = AggregatedAttention(embed_dims[i], num_heads[i], stage_pretrain, window_size[i],
-                                               sr_ratios[i], qkv_bias, attn_drop_rate, proj_drop_rate, backend, **dd)
+                                               sr_ratios[i], qkv_bias, attn_drop_rate, proj_drop_rate, backend,
+                                               **moh, **dd)
                 blocks.append(Block(embed_dims[i], attn, mlp_ratios[i], proj_drop_rate,
                                     drop_path_rates[sum(depths[:i]) + j], norm_layer, **dd))
             setattr(self, f'patch_embed{i + 1}', embed)
@@ -274,6 +290,39 @@ class TransNeXt(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))
 
+    def load_balancing_losses(self) -> Dict[str, torch.Tensor]:
+        """{layer ('block3.0', ...): scalar} of the routed layers' MoH balancing losses from the latest
+        training-mode forward (each attention keeps its own; eval-mode forwards record none)."""
+        return {name[:-len('.attn')]: module.load_balancing_loss for name, module in self.named_modules()
+                if name.endswith('.attn') and getattr(module, 'load_balancing_loss', None) is not None}
+
+    def forward_with_aux(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Logits (B, num_classes) and the auxiliary loss (a scalar) of one training forward: the MoH
+        load-balancing loss averaged over the routed layers (0 when none routes), the term a recipe adds as
+        `loss.aux_weight` times it (official 0.01). Training mode only: the official loss does not exist in eval."""
+        if not any(getattr(m, 'mixture_of_heads', False) for m in self.modules()):
+            raise ValueError('this TransNeXt has no mixture-of-heads layers (shared_head unset), so no auxiliary '
+                             'loss; use forward')
+        if not self.training:
+            raise ValueError('the MoH load-balancing loss is computed in training mode only; call model.train()')
+        logits = self(x)
+        losses = list(self.load_balancing_losses().values())
+        aux = torch.stack(losses).mean() if losses else logits.new_zeros(())
+        return logits, aux
+
+
+def _head_splits(shared_head: Optional[Sequence[int]], routed_head: Optional[Sequence[int]],
+                 num_stages: int) -> Tuple[List[Optional[int]], List[int]]:
+    """Per-stage (shared_head, routed_head): Nones and zeros when MoH is off; routed_head 0 where unset."""
+    if shared_head is None:
+        if routed_head is not None and any(routed_head):
+            raise ValueError(f'routed_head {list(routed_head)} needs shared_head (the shared heads per stage)')
+        return [None] * num_stages, [0] * num_stages
+    shared_head = _per_stage(shared_head, num_stages, 'shared_head')
+    routed_head = _per_stage(routed_head if routed_head is not None else [0] * num_stages, num_stages,
+                             'routed_head')
+    return shared_head, routed_head
+
 
 def _init_weights(module: nn.Module) -> None:
     """Official init: Linear trunc-normal(0.02) with zero bias; conv normal(0, sqrt(2 / fan_out)); LN 1 / 0."""
@@ -307,9 +356,6 @@ def _create(variant: str, pretrained: bool = False, **kwargs) -> TransNeXt:
     return create_model(TransNeXt, variant, pretrained, checkpoint_filter_fn, (0, 1, 2, 3), **kwargs)
 
 
-_HF = 'https://huggingface.co/DaiShiResearch/'
-
-
 def _cfg(url: str = '', **kwargs) -> Dict:
     # The official default_cfg (timm's generic ViT cfg: mean/std 0.5, crop 0.9) is not what training and
     # evaluation used: ImageNet mean/std, bicubic resize 256 + centre crop 224.
@@ -325,21 +371,41 @@ def _cfg(url: str = '', **kwargs) -> Dict:
     })
 
 
+def _hub(repo: str, filename: str, **kwargs) -> Dict:
+    """Weights published on the Hugging Face hub as `repo`/`filename` (hub id and the same file as a url)."""
+    return dict(url=f'https://huggingface.co/{repo}/resolve/main/{filename}', hf_hub_id=repo,
+                hf_hub_filename=filename, **kwargs)
+
+
+def _transnext(repo: str, filename: str, **kwargs) -> Dict:
+    return _cfg(**_hub(f'DaiShiResearch/{repo}', filename, **kwargs))
+
+
+def _moh(repo: str, filename: str) -> Dict:
+    # Evaluated like TransNeXt (docs/moh.md §3: resize 256 bicubic, centre crop 224, ImageNet mean/std); the hub
+    # files are full training checkpoints whose weights sit under 'model' (unwrapped by timm and the filter).
+    return _cfg(**_hub(f'Chat-UniVi/{repo}', filename), origin_url='https://github.com/SkyworkAI/MoH',
+                paper_ids='arXiv:2410.11842', paper_name='MoH: Multi-Head Attention as Mixture-of-Head Attention')
+
+
 # 384 fine-tuned weights: evaluated by warping to 384 (no crop); trained with pretrain_size 224, the default.
 _384 = dict(input_size=(3, 384, 384), pool_size=(12, 12), crop_pct=1.0)
 
 default_cfgs = generate_default_cfgs({
-    'transnext_micro.in1k': _cfg(_HF + 'transnext-micro-224-1k/resolve/main/transnext_micro_224_1k.pth'),
-    'transnext_tiny.in1k': _cfg(_HF + 'transnext-tiny-224-1k/resolve/main/transnext_tiny_224_1k.pth'),
-    'transnext_small.in1k': _cfg(_HF + 'transnext-small-224-1k/resolve/main/transnext_small_224_1k.pth'),
-    'transnext_small.in1k_384': _cfg(
-        _HF + 'transnext-small-384-1k-ft-1k/resolve/main/transnext_small_384_1k_ft_1k.pth', **_384),
-    'transnext_base.in1k': _cfg(_HF + 'transnext-base-224-1k/resolve/main/transnext_base_224_1k.pth'),
-    'transnext_base.in1k_384': _cfg(
-        _HF + 'transnext-base-384-1k-ft-1k/resolve/main/transnext_base_384_1k_ft_1k.pth', **_384),
-    'transnext_micro_AAAA.in1k': _cfg(
-        _HF + 'transnext-micro-AAAA-256-1k/resolve/main/transnext_micro_AAAA_256_1k.pth',
-        input_size=(3, 256, 256), pool_size=(8, 8)),
+    'transnext_micro.in1k': _transnext('transnext-micro-224-1k', 'transnext_micro_224_1k.pth'),
+    'transnext_tiny.in1k': _transnext('transnext-tiny-224-1k', 'transnext_tiny_224_1k.pth'),
+    'transnext_small.in1k': _transnext('transnext-small-224-1k', 'transnext_small_224_1k.pth'),
+    'transnext_small.in1k_384': _transnext('transnext-small-384-1k-ft-1k', 'transnext_small_384_1k_ft_1k.pth',
+                                           **_384),
+    'transnext_base.in1k': _transnext('transnext-base-224-1k', 'transnext_base_224_1k.pth'),
+    'transnext_base.in1k_384': _transnext('transnext-base-384-1k-ft-1k', 'transnext_base_384_1k_ft_1k.pth', **_384),
+    'transnext_micro_AAAA.in1k': _transnext('transnext-micro-AAAA-256-1k', 'transnext_micro_AAAA_256_1k.pth',
+                                            input_size=(3, 256, 256), pool_size=(8, 8)),
+    'moh_transnext_small_80.in1k': _moh('MoH-ViT-S-80', 'moh_transnext_small_80.pth'),
+    # the file name of S-75 is assumed by analogy with the other three (docs/moh.md §4)
+    'moh_transnext_small_75.in1k': _moh('MoH-ViT-S-75', 'moh_transnext_small_75.pth'),
+    'moh_transnext_base_75.in1k': _moh('MoH-ViT-B-75', 'moh_transnext_base_75.pth'),
+    'moh_transnext_base_50.in1k': _moh('MoH-ViT-B-50', 'moh_transnext_base_50.pth'),
 })
 
 _MICRO = dict(embed_dims=(48, 96, 192, 384), num_heads=(2, 4, 8, 16), depths=(2, 2, 15, 2))
@@ -360,12 +426,12 @@ def transnext_tiny(pretrained: bool = False, **kwargs) -> TransNeXt:
 
 @register_model
 def transnext_small(pretrained: bool = False, **kwargs) -> TransNeXt:
-    return _create('transnext_small', pretrained, **dict(dict(_SMALL, drop_path_rate=0.45), **kwargs))
+    return _create('transnext_small', pretrained, **dict(dict(_SMALL), **kwargs))
 
 
 @register_model
 def transnext_base(pretrained: bool = False, **kwargs) -> TransNeXt:
-    return _create('transnext_base', pretrained, **dict(dict(_BASE, drop_path_rate=0.6), **kwargs))
+    return _create('transnext_base', pretrained, **dict(dict(_BASE), **kwargs))
 
 
 @register_model
@@ -373,3 +439,34 @@ def transnext_micro_AAAA(pretrained: bool = False, **kwargs) -> TransNeXt:
     # aggregated attention in every stage, pooled grid 4x4 everywhere at 256 (paper App. D.6)
     args = dict(_MICRO, drop_path_rate=0.15, img_size=256, window_size=(3, 3, 3, 3), sr_ratios=(16, 8, 4, 2))
     return _create('transnext_micro_AAAA', pretrained, **dict(args, **kwargs))
+
+
+# MoH-ViT variants (docs/moh.md §1): per-stage shared heads S and top-k routed heads k; stages with k = 0 share every
+# head (S = h) and only re-weight them per token. Drop path stays 0 as in the official factories; the training
+# configs' 0.45 (S) / 0.6 (B) are in the recipes.
+_MOH = {
+    'moh_transnext_small_80': dict(_SMALL, shared_head=(3, 6, 3, 8), routed_head=(0, 0, 6, 12)),
+    'moh_transnext_small_75': dict(_SMALL, shared_head=(3, 6, 3, 4), routed_head=(0, 0, 6, 12)),
+    'moh_transnext_base_75': dict(_BASE, shared_head=(4, 8, 4, 5), routed_head=(0, 0, 8, 16)),
+    'moh_transnext_base_50': dict(_BASE, shared_head=(2, 2, 2, 4), routed_head=(2, 4, 6, 8)),
+}
+
+
+@register_model
+def moh_transnext_small_80(pretrained: bool = False, **kwargs) -> TransNeXt:
+    return _create('moh_transnext_small_80', pretrained, **dict(_MOH['moh_transnext_small_80'], **kwargs))
+
+
+@register_model
+def moh_transnext_small_75(pretrained: bool = False, **kwargs) -> TransNeXt:
+    return _create('moh_transnext_small_75', pretrained, **dict(_MOH['moh_transnext_small_75'], **kwargs))
+
+
+@register_model
+def moh_transnext_base_75(pretrained: bool = False, **kwargs) -> TransNeXt:
+    return _create('moh_transnext_base_75', pretrained, **dict(_MOH['moh_transnext_base_75'], **kwargs))
+
+
+@register_model
+def moh_transnext_base_50(pretrained: bool = False, **kwargs) -> TransNeXt:
+    return _create('moh_transnext_base_50', pretrained, **dict(_MOH['moh_transnext_base_50'], **kwargs))

@@ -5,6 +5,7 @@ built-in shapes set, transformed with timm's train/eval transforms.
 """
 import argparse
 import pickle
+import time
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
@@ -20,11 +21,14 @@ from torch.utils.data import DataLoader, Dataset, default_collate
 from zoo.data.folder import UNREADABLE, SafeImageFolder
 from zoo.data.images import load_pil_rgb
 from zoo.data.shapes import ShapesClassification
+from zoo.data.transforms import randaugment_square_transform
 from zoo.manifest import verify_listed_checkpoint
-from zoo.recipes import Recipe
+from zoo.progress import track
+from zoo.recipes import Recipe, RecipeError
 from zoo.tasks.artifact import CONFIG_FILE, WEIGHTS_FILE, read_config
 from zoo.tasks.distill import DistillConfig, DistillLoss
 from zoo.tasks.engine import Monitor, RunData, TaskModule, fit, start_run
+from zoo.tasks.inference import Inference
 from zoo.tasks.phases import train_phases
 from zoo.tasks.protocol import Task
 
@@ -59,7 +63,7 @@ def data_config(recipe: Recipe, model: nn.Module) -> Dict:
     d = recipe.data
     config = resolve_data_config({}, model=model)
     config['input_size'] = (3, d.img_size, d.img_size)
-    for key in ('crop_pct', 'interpolation', 'mean', 'std'):
+    for key in ('crop_pct', 'crop_mode', 'interpolation', 'mean', 'std'):
         if getattr(d, key) is not None:
             config[key] = tuple(getattr(d, key)) if key in ('mean', 'std') else getattr(d, key)
     return config
@@ -67,12 +71,17 @@ def data_config(recipe: Recipe, model: nn.Module) -> Dict:
 
 def _transforms(recipe: Recipe, config: Dict):
     a = recipe.aug
-    train = create_transform(
-        config['input_size'], is_training=True, auto_augment=a.auto_augment, interpolation=a.train_interpolation,
-        hflip=a.hflip, color_jitter=a.color_jitter, scale=tuple(a.scale), re_prob=a.reprob, re_mode=a.remode,
-        mean=config['mean'], std=config['std'])
+    if a.policy == 'torchvision_randaugment':
+        train = randaugment_square_transform(config['input_size'][-1], a.randaugment_ops, a.randaugment_magnitude,
+                                             a.train_interpolation, config['mean'], config['std'])
+    else:
+        train = create_transform(
+            config['input_size'], is_training=True, auto_augment=a.auto_augment, interpolation=a.train_interpolation,
+            hflip=a.hflip, color_jitter=a.color_jitter, scale=tuple(a.scale), re_prob=a.reprob, re_mode=a.remode,
+            mean=config['mean'], std=config['std'])
     val = create_transform(config['input_size'], is_training=False, interpolation=config['interpolation'],
-                           crop_pct=config['crop_pct'], mean=config['mean'], std=config['std'])
+                           crop_pct=config['crop_pct'], crop_mode=config['crop_mode'], mean=config['mean'],
+                           std=config['std'])
     return train, val
 
 
@@ -85,15 +94,25 @@ def build_datasets(recipe: Recipe, train_transform=None, val_transform=None) -> 
         return (ShapesClassification(d.train_size, split='train', transform=train_transform, **common),
                 ShapesClassification(d.val_size, split='val', transform=val_transform, **common), num_classes)
     if d.name == 'imagefolder':
-        if not d.root:
-            raise ValueError('data.root is required for data.name=imagefolder (a folder with train/ and val/)')
-        train = SafeImageFolder(str(Path(d.root) / 'train'), transform=train_transform)
-        val = SafeImageFolder(str(Path(d.root) / 'val'), transform=val_transform)
+        train_dir, val_dir = _data_paths(recipe)
+        train = SafeImageFolder(str(train_dir), transform=train_transform)
+        val = SafeImageFolder(str(val_dir), transform=val_transform)
         if train.classes != val.classes:
             raise ValueError(f'{d.root}: train/ and val/ have different class folders')
         num_classes = d.num_classes or len(train.classes)
         return train, val, num_classes
     raise ValueError(f"data.name must be 'shapes' or 'imagefolder', got {d.name!r}")
+
+
+def _data_paths(recipe: Recipe) -> List[Path]:
+    """The folders the recipe's data reads: root/train and root/val for an ImageFolder, none for the shapes set."""
+    d = recipe.data
+    if d.name != 'imagefolder':
+        return []
+    if not d.root:
+        raise RecipeError(f'{recipe.path}: data.root is required for data.name=imagefolder (a folder with train/ '
+                          f'and val/)')
+    return [Path(d.root) / 'train', Path(d.root) / 'val']
 
 
 class ClassificationModule(TaskModule):
@@ -128,7 +147,7 @@ class ClassificationModule(TaskModule):
         return self.model(x)
 
     def _enable_auxiliary_output(self) -> None:
-        """loss.aux_weight trains through the model's `forward_with_aux(x) -> (logits, aux_logits)`; a model whose
+        """loss.aux_weight trains through the model's `forward_with_aux(x) -> (logits, aux)`; a model whose
         auxiliary head is frozen when unused (so that plain training leaves no parameter without a gradient)
         unfreezes it with `set_aux_head_trainable(True)`, before the optimizer, EMA and DDP see the parameters."""
         if not hasattr(self.model, 'forward_with_aux'):
@@ -161,10 +180,16 @@ class ClassificationModule(TaskModule):
         if self.distill is not None:
             return self.distill(self.model, images, targets)
         if self.recipe.loss.aux_weight:
-            logits, aux_logits = self.model.forward_with_aux(images)
+            logits, aux = self.model.forward_with_aux(images)
             return (self.train_loss(logits, targets)
-                    + self.recipe.loss.aux_weight * self.train_loss(aux_logits, targets)), {}
+                    + self.recipe.loss.aux_weight * self._auxiliary_term(aux, targets)), {}
         return self.train_loss(self.model(images), targets), {}
+
+    def _auxiliary_term(self, aux: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """The one convention of `forward_with_aux(x) -> (logits, aux)` for auxiliary outputs: a scalar `aux` is
+        a loss the model computed (e.g. a load-balancing loss), used as is; otherwise `aux` are the logits of an
+        auxiliary head, scored by the training criterion like the main ones."""
+        return aux if aux.dim() == 0 else self.train_loss(aux, targets)
 
     def on_train_batch_end(self, outputs, batch, batch_idx):
         if self.ema is not None:
@@ -211,16 +236,19 @@ class ClassificationModule(TaskModule):
 def export_model(model: nn.Module, config: Dict, folder: Path, label_names=None) -> Path:
     """Final weights in timm's local-dir format (model.safetensors + config.json with the data config)."""
     model.pretrained_cfg = dict(model.pretrained_cfg, **{k: config[k] for k in
-                                                           ('input_size', 'interpolation', 'mean', 'std', 'crop_pct')},
+                                                           ('input_size', 'interpolation', 'mean', 'std', 'crop_pct',
+                                                            'crop_mode')},
                                 num_classes=model.num_classes, label_names=list(label_names or []) or None)
     timm.models.save_for_hf(model, str(folder), safe_serialization=True)
     return folder
 
 
-def train(recipe: Recipe, output: str, resume: Optional[str] = None) -> Dict[str, float]:
+def train(recipe: Recipe, output: str, resume: Optional[str] = None,
+          start_from: Optional[str] = None) -> Dict[str, float]:
     """Train the recipe's model; writes the run folder (see zoo.tasks.engine) and returns the final metrics.
 
-    A recipe with `phases` runs them in order (zoo.tasks.phases), each in OUTPUT/phase{i}."""
+    A recipe with `phases` runs them in order (zoo.tasks.phases), each in OUTPUT/phase{i}; `start_from` is the
+    previous phase's last checkpoint, whose model and EMA weights the run continues from."""
     if recipe.phases:
         if resume:
             raise ValueError('--resume is not supported for recipes with phases yet; rerun the unfinished phase '
@@ -233,6 +261,8 @@ def train(recipe: Recipe, output: str, resume: Optional[str] = None) -> Dict[str
     train_set, val_set, num_classes = build_datasets(recipe, *_transforms(recipe, config))
     data = RunData(recipe, train_set, val_set, skip_unreadable_collate)
     module = ClassificationModule(recipe, num_classes, run_dir=out)
+    if start_from:
+        module.load_phase_state(start_from)
 
     def summarize(trainer) -> Dict:
         final = trainer.validate(module, datamodule=data, verbose=False)[0]
@@ -245,25 +275,33 @@ def train(recipe: Recipe, output: str, resume: Optional[str] = None) -> Dict[str
     return fit(module, recipe, out, data, Monitor('val_top1', 'max'), resume, export, summarize)
 
 
-def evaluate(model: nn.Module, dataset: Dataset, batch_size: int = 128, workers: int = 2) -> Dict[str, float]:
-    """Top-1 / top-5 accuracy (%) of `model` on `dataset` (already transformed), plus counts."""
-    loader = DataLoader(dataset, batch_size=batch_size, num_workers=workers, collate_fn=skip_unreadable_collate)
-    model.eval()
+def evaluate(model: nn.Module, dataset: Dataset, batch_size: int = 128, workers: int = 2,
+             inference: Inference = Inference()) -> Dict[str, float]:
+    """Top-1 / top-5 accuracy (%) of `model` on `dataset` (already transformed), the image counts, and the throughput
+    (images per second over the whole loop, reading and decoding the images included: what a user waits for)."""
+    loader = DataLoader(dataset, batch_size=batch_size, num_workers=workers, collate_fn=skip_unreadable_collate,
+                        pin_memory=inference.device.type == 'cuda')
+    model = inference.prepare(model)
     correct1 = correct5 = count = skipped = 0
+    start = time.perf_counter()
     with torch.no_grad():
-        for batch in loader:
+        for batch in track(loader, 'eval', unit='batch'):
             if batch is None:
                 continue
             images, labels, dropped = batch
             skipped += dropped
-            topk = model(images).topk(min(5, model.num_classes), dim=1).indices
+            with inference.autocast():
+                logits = model(inference.images(images))
+            topk = logits.topk(min(5, model.num_classes), dim=1).indices.cpu()
             correct1 += (topk[:, 0] == labels).sum().item()
             correct5 += (topk == labels[:, None]).any(dim=1).sum().item()
             count += labels.numel()
+    inference.synchronize()
+    seconds = time.perf_counter() - start
     if count == 0:
         raise ValueError('no readable images to evaluate')
     return {'top1': 100 * correct1 / count, 'top5': 100 * correct5 / count, 'images': count,
-            'skipped_images': skipped}
+            'skipped_images': skipped, 'seconds': round(seconds, 2), 'images_per_second': round(count / seconds, 1)}
 
 
 def label_names(model: nn.Module) -> Optional[List[str]]:
@@ -278,7 +316,7 @@ def label_names(model: nn.Module) -> Optional[List[str]]:
     return None
 
 
-def predict(model: nn.Module, images, top_k: int = 5):
+def predict(model: nn.Module, images, top_k: int = 5, inference: Inference = Inference()):
     """Top-k (label, probability) per image file; labels from the model's cfg, ImageNet names, or indices."""
     names = model.pretrained_cfg.get('label_names')
     if not names and model.num_classes == 1000:
@@ -286,12 +324,12 @@ def predict(model: nn.Module, images, top_k: int = 5):
         info = ImageNetInfo()
         names = [info.index_to_description(i) for i in range(1000)]
     transform = eval_transform(model)
-    model.eval()
+    model = inference.prepare(model)
     results = []
     for path in images:
-        batch = transform(load_pil_rgb(path))[None]
-        with torch.no_grad():
-            probs = model(batch).softmax(-1)[0]
+        batch = inference.images(transform(load_pil_rgb(path))[None])
+        with torch.no_grad(), inference.autocast():
+            probs = model(batch).float().softmax(-1)[0].cpu()
         values, indices = probs.topk(min(top_k, model.num_classes))
         results.append([(names[i] if names else str(i), float(p)) for p, i in zip(values, indices.tolist())])
     return results
@@ -324,9 +362,24 @@ def folder_for_model(root: str, model: nn.Module, transform=None) -> SafeImageFo
     return folder
 
 
-def eval_transform(model: nn.Module):
-    """The model's pretrained-cfg eval transform (resize, centre crop, normalise)."""
-    return create_transform(**resolve_data_config({}, model=model), is_training=False)
+def eval_data_config(model: nn.Module, img_size: Optional[int] = None, crop_pct: Optional[float] = None) -> Dict:
+    """The model's pretrained-cfg eval settings (input size, crop, interpolation, mean/std), at another square input
+    size or crop fraction when given (timm's resolve_data_config rules: the resize is img_size / crop_pct).
+
+    Raises:
+        ValueError: a size or crop fraction that is not positive.
+    """
+    if img_size is not None and img_size <= 0:
+        raise ValueError(f'--img-size must be positive, got {img_size}')
+    if crop_pct is not None and not 0 < crop_pct <= 1:
+        raise ValueError(f'--crop-pct must be in (0, 1], got {crop_pct}')
+    overrides = {key: value for key, value in (('img_size', img_size), ('crop_pct', crop_pct)) if value is not None}
+    return resolve_data_config(overrides, model=model)
+
+
+def eval_transform(model: nn.Module, img_size: Optional[int] = None, crop_pct: Optional[float] = None):
+    """The eval transform (resize, centre crop, normalise) of `eval_data_config`."""
+    return create_transform(**eval_data_config(model, img_size, crop_pct), is_training=False)
 
 
 def load_model(checkpoint: Optional[str], model_name: Optional[str], num_classes: Optional[int] = None) -> nn.Module:
@@ -384,23 +437,33 @@ def _read_weights_through_timm(weights: Path, name: str, **kwargs) -> nn.Module:
 
 
 def _evaluate_command(args: argparse.Namespace) -> Dict:
-    """`zoo eval` for classification: top-1 / top-5 on an ImageFolder or the shapes validation split."""
+    """`zoo eval` for classification: top-1 / top-5 on an ImageFolder or the shapes validation split, with what was
+    measured (model, input size, crop) in the record, as timm's validate.py writes it."""
     if not args.data:
         raise ValueError("--data is required: an ImageFolder root or 'shapes'")
+    inference = Inference.from_args(args)
     model = load_model(args.checkpoint, args.model, args.num_classes)
-    transform = eval_transform(model)
+    config = eval_data_config(model, args.img_size, args.crop_pct)
+    transform = create_transform(**config, is_training=False)
     if args.data == 'shapes':
         dataset = ShapesClassification(args.shapes_size, img_size=model.pretrained_cfg['input_size'][-1],
                                        num_classes=model.num_classes, split='val', transform=transform)
     else:
         dataset = folder_for_model(args.data, model, transform)
-    return evaluate(model, dataset, batch_size=args.batch_size or 128, workers=args.workers)
+    metrics = evaluate(model, dataset, batch_size=args.batch_size or 128, workers=args.workers, inference=inference)
+    return {'model': model.pretrained_cfg.get('architecture') or args.model, 'checkpoint': args.checkpoint,
+            **metrics, 'top1_err': round(100 - metrics['top1'], 3), 'top5_err': round(100 - metrics['top5'], 3),
+            'param_count': round(sum(p.numel() for p in model.parameters()) / 1e6, 2),
+            'img_size': config['input_size'][-1], 'crop_pct': config['crop_pct'],
+            'interpolation': config['interpolation'], **inference.describe()}
 
 
 def _add_eval_arguments(group: argparse._ArgumentGroup) -> None:
     group.add_argument('--num-classes', type=int, default=None, help='classes of --model with a weights file')
     group.add_argument('--shapes-size', type=int, default=1000, help="images in the shapes validation split "
                                                                      "(--data shapes)")
+    group.add_argument('--img-size', type=int, default=None, help="square input size (default: the model's cfg)")
+    group.add_argument('--crop-pct', type=float, default=None, help="centre-crop fraction (default: the model's cfg)")
 
 
 def _is_timm_model_folder(folder: Path) -> bool:
@@ -411,4 +474,5 @@ def _is_timm_model_folder(folder: Path) -> bool:
 
 
 TASK = Task(name='classification', train=train, evaluate=_evaluate_command, add_eval_arguments=_add_eval_arguments,
-            recognizes=_is_timm_model_folder, phases=True)
+            recognizes=_is_timm_model_folder, data_paths=_data_paths, phases=True,
+            datasets=('shapes', 'imagefolder'))

@@ -202,15 +202,25 @@ class CompressionModule(TaskModule):
                                     if k.startswith(prefix)})
 
 
+def _data_paths(recipe: Recipe) -> List[Path]:
+    """The folders the recipe's data reads: root/train and root/test for a folder, none for the bundled photos."""
+    d = recipe.data
+    if d.name != 'folder':
+        return []
+    if not d.root:
+        raise RecipeError(f'{recipe.path}: data.root is required for data.name=folder (a folder with train/ and '
+                          f'test/ images)')
+    return [Path(d.root) / 'train', Path(d.root) / 'test']
+
+
 def _data_files(recipe: Recipe) -> Tuple[List[Path], List[Path], bool]:
     """(training files, held-out test files, whether to cache decoded training images)."""
     d = recipe.data
     if d.name == 'photos':
         return ([photo_path(n) for n in photo_names('train')], [photo_path(n) for n in photo_names('test')], True)
     if d.name == 'folder':
-        if not d.root:
-            raise ValueError('data.root is required for data.name=folder (a folder with train/ and test/ images)')
-        return image_files(Path(d.root) / 'train'), image_files(Path(d.root) / 'test'), False
+        train_dir, test_dir = _data_paths(recipe)
+        return image_files(train_dir), image_files(test_dir), False
     raise ValueError(f"compression data.name must be 'photos' (bundled scikit-image photos) or 'folder' "
                      f"(data.root with train/ and test/), got {d.name!r}")
 
@@ -324,13 +334,17 @@ def _evaluate_command(args: argparse.Namespace) -> None:
                          'codec files')
     if not args.data:
         raise ValueError("--task compression needs --data DIR (a folder of held-out images, or 'photos')")
-    if not args.json:
-        raise ValueError('--task compression needs --json OUT (the results; curves are also written beside it)')
-    summary = evaluate_rate_distortion(args.model or [], codec_files(args.checkpoint), args.data, args.json,
+    if args.device not in (None, 'cpu') or args.amp or args.amp_dtype or args.channels_last:
+        raise ValueError('--task compression runs on the CPU in full precision: the entropy coder needs the '
+                         'probabilities of encoder and decoder to agree bit for bit (no --device, --amp or '
+                         '--channels-last)')
+    if not args.results_file or Path(args.results_file).suffix.lower() != '.json':
+        raise ValueError('--task compression needs --json OUT.json (the results; curves are also written beside it)')
+    summary = evaluate_rate_distortion(args.model or [], codec_files(args.checkpoint), args.data, args.results_file,
                                        plot_path=args.plot, anchor=args.anchor, classic=args.classic,
                                        baseline_checkpoints=codec_files(args.baseline_checkpoint))
     print(format_summary(summary))
-    print(f'results: {args.json}' + (f', plot: {args.plot}' if args.plot else ''))
+    print(f'results: {args.results_file}' + (f', plot: {args.plot}' if args.plot else ''))
 
 
 def codec_files(paths: Sequence[str]) -> List[str]:
@@ -364,4 +378,5 @@ def _is_codec_folder(folder: Path) -> bool:
 
 
 TASK = Task(name='compression', train=train, evaluate=_evaluate_command, add_eval_arguments=_add_eval_arguments,
-            check_recipe=_check_recipe, model_arguments=_codec_arguments, recognizes=_is_codec_folder, quality=True)
+            check_recipe=_check_recipe, model_arguments=_codec_arguments, recognizes=_is_codec_folder, quality=True,
+            data_paths=_data_paths, datasets=('photos', 'folder'))

@@ -10,6 +10,7 @@ checkpoint (`backbone.` prefix stripped, then the family's `checkpoint_filter_fn
 import contextlib
 import io
 import sys
+import time
 from collections import OrderedDict
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
@@ -30,9 +31,11 @@ from torchvision.ops.feature_pyramid_network import LastLevelMaxPool, LastLevelP
 
 from zoo.data.coco import CocoInstances, detection_collate, shapes_coco
 from zoo.models import read_state_dict
+from zoo.progress import track
 from zoo.recipes import Recipe, RecipeError
 from zoo.tasks.artifact import CONFIG_FILE, WEIGHTS_FILE, load_weights, read_config, save_weights, write_config
 from zoo.tasks.engine import Monitor, RunData, TaskModule, backbone_no_weight_decay, fit, start_run
+from zoo.tasks.inference import Inference
 from zoo.tasks.protocol import Task
 
 __all__ = ['ARCHS', 'HeadConfig', 'FeaturePyramidBackbone', 'load_backbone_weights', 'build_detector',
@@ -265,17 +268,24 @@ def _metrics(dataset: CocoInstances, outputs: List[Dict], image_ids: List[int]) 
 
 
 @torch.no_grad()
-def evaluate(detector: nn.Module, dataset: CocoInstances, batch_size: int = 8, workers: int = 0) -> Dict[str, float]:
-    """COCO box (and, for Mask R-CNN, mask) mAP of `detector` on `dataset`, plus the image count."""
+def evaluate(detector: nn.Module, dataset: CocoInstances, batch_size: int = 8, workers: int = 0,
+             inference: Inference = Inference()) -> Dict[str, float]:
+    """COCO box (and, for Mask R-CNN, mask) mAP of `detector` on `dataset`, plus the image count and throughput
+    (images per second over the whole loop, image reading included)."""
     loader = DataLoader(dataset, batch_size=batch_size, num_workers=workers, collate_fn=detection_collate)
-    detector.eval()
-    device = next(detector.parameters()).device
+    detector = inference.prepare(detector)
     outputs, image_ids = [], []
-    for images, targets in loader:
+    start = time.perf_counter()
+    for images, targets in track(loader, 'eval', unit='batch'):
         validate_images(images)
-        outputs += [{k: v.cpu() for k, v in o.items()} for o in detector([im.to(device) for im in images])]
+        with inference.autocast():
+            predictions = detector([image.to(inference.device) for image in images])
+        outputs += [{k: v.float().cpu() if v.is_floating_point() else v.cpu() for k, v in o.items()}
+                    for o in predictions]
         image_ids += [int(t['image_id']) for t in targets]
-    return dict(_metrics(dataset, outputs, image_ids), images=len(image_ids))
+    seconds = time.perf_counter() - start
+    return dict(_metrics(dataset, outputs, image_ids), images=len(image_ids), seconds=round(seconds, 2),
+                images_per_second=round(len(image_ids) / seconds, 2))
 
 
 class DetectionModule(TaskModule):
@@ -345,12 +355,8 @@ def build_datasets(recipe: Recipe, data_dir: Path) -> Tuple[CocoInstances, CocoI
         train = shapes_coco(str(root), 'train', d.train_size, **common)
         val = shapes_coco(str(root), 'val', d.val_size, **common)
     elif d.name == 'coco':
-        if not d.root:
-            raise ValueError('data.root is required for data.name=coco (a folder with train2017/, val2017/ and '
-                             'annotations/)')
-        root = Path(d.root)
-        train = (str(root / 'annotations' / 'instances_train2017.json'), str(root / 'train2017'))
-        val = (str(d.ann_file or root / 'annotations' / 'instances_val2017.json'), str(root / 'val2017'))
+        train_json, train_images, val_json, val_images = _data_paths(recipe)
+        train, val = (str(train_json), str(train_images)), (str(val_json), str(val_images))
     else:
         raise ValueError(f"data.name must be 'shapes' or 'coco' for detection, got {d.name!r}")
     train_set, val_set = CocoInstances(*train, hflip=recipe.aug.hflip > 0), CocoInstances(*val)
@@ -381,8 +387,8 @@ def load_detector(folder: str) -> Tuple[nn.Module, Dict[str, Any]]:
     return detector.eval(), config
 
 
-def evaluate_checkpoint(folder: str, ann_file: str, image_dir: str, batch_size: int = 8,
-                        workers: int = 0) -> Dict[str, float]:
+def evaluate_checkpoint(folder: str, ann_file: str, image_dir: str, batch_size: int = 8, workers: int = 0,
+                        inference: Inference = Inference()) -> Dict[str, float]:
     """COCO mAP of a saved detector on a COCO-json dataset (what `zoo eval --task detection` runs).
 
     The dataset's categories must be the ones the detector was trained on, in the same sorted order.
@@ -392,7 +398,7 @@ def evaluate_checkpoint(folder: str, ann_file: str, image_dir: str, batch_size: 
     if dataset.classes != config['classes']:
         raise ValueError(f'{ann_file} has categories {dataset.classes}, the detector was trained on '
                          f'{config["classes"]}')
-    return evaluate(detector, dataset, batch_size=batch_size, workers=workers)
+    return evaluate(detector, dataset, batch_size=batch_size, workers=workers, inference=inference)
 
 
 def train(recipe: Recipe, output: str, resume: Optional[str] = None) -> Dict[str, float]:
@@ -414,6 +420,19 @@ def train(recipe: Recipe, output: str, resume: Optional[str] = None) -> Dict[str
     return fit(module, recipe, out, data, Monitor('val_bbox_mAP', 'max'), resume, export, summarize)
 
 
+def _data_paths(recipe: Recipe) -> List[Path]:
+    """What COCO data reads (train json, train images, val json or data.ann_file, val images); none for shapes."""
+    d = recipe.data
+    if d.name != 'coco':
+        return []
+    if not d.root:
+        raise RecipeError(f'{recipe.path}: data.root is required for data.name=coco (a folder with train2017/, '
+                          f'val2017/ and annotations/)')
+    root = Path(d.root)
+    return [root / 'annotations' / 'instances_train2017.json', root / 'train2017',
+            Path(d.ann_file) if d.ann_file else root / 'annotations' / 'instances_val2017.json', root / 'val2017']
+
+
 def _check_recipe(recipe: Recipe) -> None:
     try:
         HeadConfig(recipe.head)
@@ -426,7 +445,10 @@ def _evaluate_command(args) -> Dict:
     if not args.checkpoint or not args.ann_file or not args.data:
         raise ValueError('--task detection needs --checkpoint DIR/model (a trained detector), --ann-file JSON and '
                          '--data IMAGE_FOLDER')
-    return evaluate_checkpoint(args.checkpoint, args.ann_file, args.data, args.batch_size or 8, args.workers)
+    inference = Inference.from_args(args)
+    metrics = evaluate_checkpoint(args.checkpoint, args.ann_file, args.data, args.batch_size or 8, args.workers,
+                                  inference)
+    return {'checkpoint': args.checkpoint, **metrics, **inference.describe()}
 
 
 def _add_eval_arguments(group) -> None:
@@ -439,4 +461,5 @@ def _is_detector_folder(folder: Path) -> bool:
 
 
 TASK = Task(name='detection', train=train, evaluate=_evaluate_command, add_eval_arguments=_add_eval_arguments,
-            check_recipe=_check_recipe, recognizes=_is_detector_folder)
+            check_recipe=_check_recipe, recognizes=_is_detector_folder, data_paths=_data_paths,
+            datasets=('shapes', 'coco'))

@@ -2,8 +2,12 @@
 
 Each phase is the recipe without `phases`, deep-merged with the phase's mapping (so a phase overrides only what
 changes, e.g. `loss.distill` weights and `trainable`/`frozen` patterns, `optim.lr`, `schedule.epochs`). Phase i
-trains in `OUTPUT/phase{i}` and, from the second phase on, its `model.checkpoint` is the previous phase's exported
-`model/model.safetensors` (loaded through the family's checkpoint filter).
+trains in `OUTPUT/phase{i}`. From the second phase on, training continues one student: the phase starts from every
+weight the previous phase's last checkpoint holds (`phase{i-1}/checkpoints/last.ckpt`: the raw model, its EMA copy
+and the teacher), as the official Sparsifiner code carries one model and one EMA through both of its phases; only
+the optimizer, the schedule and the epoch count start afresh. Such a phase's `model.checkpoint` is therefore unset
+(the previous phase's weights replace whatever it would load). The exported `model/` of a phase is its evaluation
+model (the EMA copy when trainer.ema is on), as in any run.
 """
 from pathlib import Path
 from typing import Callable, Dict, List
@@ -25,17 +29,19 @@ def phase_recipes(recipe: Recipe) -> List[Recipe]:
             for i, phase in enumerate(recipe.phases, start=1)]
 
 
-def train_phases(recipe: Recipe, output: str, train_fn: Callable[[Recipe, str], Dict]) -> Dict:
-    """Run `train_fn(phase_recipe, OUTPUT/phase{i})` for every phase; returns (and writes to OUTPUT/metrics.json)
-    the last phase's metrics plus `phases`, the list of every phase's metrics."""
+def train_phases(recipe: Recipe, output: str, train_fn: Callable[..., Dict]) -> Dict:
+    """Run `train_fn(phase_recipe, OUTPUT/phase{i}, start_from=CKPT)` for every phase, CKPT being the previous
+    phase's last checkpoint (None for the first); returns (and writes to OUTPUT/metrics.json) the last phase's
+    metrics plus `phases`, the list of every phase's metrics."""
     out = Path(output)
     results = []
-    previous = None
+    start_from = None
     for i, phase in enumerate(phase_recipes(recipe), start=1):
-        if previous is not None:
-            phase.model.checkpoint = str(previous / 'model' / 'model.safetensors')
-        previous = out / f'phase{i}'
-        results.append(train_fn(phase, str(previous)))
+        if start_from is not None:
+            phase.model.checkpoint = None
+        folder = out / f'phase{i}'
+        results.append(train_fn(phase, str(folder), start_from=start_from))
+        start_from = str(folder / 'checkpoints' / 'last.ckpt')
     metrics = dict(results[-1], phases=results)
     write_metrics(out, metrics)
     return metrics

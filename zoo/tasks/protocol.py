@@ -12,7 +12,7 @@ from typing import Any, Callable, Dict, Optional, Sequence
 
 from zoo.recipes import Recipe, RecipeError, timm_constructor_arguments
 
-__all__ = ['Task', 'no_recipe_checks']
+__all__ = ['Task', 'no_recipe_checks', 'no_data_paths']
 
 
 def no_recipe_checks(recipe: Recipe) -> None:
@@ -21,6 +21,11 @@ def no_recipe_checks(recipe: Recipe) -> None:
 
 def _no_legacy_layout(folder: Path) -> bool:
     return False
+
+
+def no_data_paths(recipe: Recipe) -> Sequence[Path]:
+    """data_paths of a task whose data needs nothing on disk (built-in sets)."""
+    return ()
 
 
 @dataclass(frozen=True)
@@ -35,6 +40,9 @@ class Task:
         is built.
     model_arguments: model name -> the constructor arguments a recipe's `model:` section may set.
     recognizes: whether a folder without artifact metadata is this task's (layouts of older versions).
+    data_paths: the files and folders the recipe's data reads (checked before training and by --dry-run); raises
+        RecipeError when the recipe lacks what its data needs (e.g. data.root).
+    datasets: the `data.name` values the task reads (empty: not checked here).
     phases: whether recipes of this task may have `phases`.
     quality: whether recipes of this task may set `model.quality` (the rate point of a codec).
     """
@@ -45,6 +53,8 @@ class Task:
     check_recipe: Callable[[Recipe], None] = no_recipe_checks
     model_arguments: Callable[[str], Sequence[str]] = timm_constructor_arguments
     recognizes: Callable[[Path], bool] = _no_legacy_layout
+    data_paths: Callable[[Recipe], Sequence[Path]] = no_data_paths
+    datasets: Sequence[str] = ()
     phases: bool = False
     quality: bool = False
 
@@ -54,6 +64,9 @@ class Task:
         source = recipe.path
         if recipe.phases and not self.phases:
             raise RecipeError(f'{source}: {self.name} recipes do not support `phases`')
+        if self.datasets and recipe.data.name not in self.datasets:
+            raise RecipeError(f'{source}: data.name must be one of {", ".join(self.datasets)} for {self.name}, got '
+                              f'{recipe.data.name!r}')
         if recipe.model.quality is not None and not self.quality:
             raise RecipeError(f'{source}: `model.quality` is only for compression recipes (task: {self.name})')
         if check_model:

@@ -7,11 +7,14 @@ per-class IoU averaged over the classes that occur in the prediction or the grou
 Recipe keys used: `model` (name, constructor kwargs, `checkpoint` = classification weights for the backbone),
 `head` (`arch`: upernet | fpn, `output_stride`, and the smp decoder's own arguments, e.g. `decoder_channels`),
 `data` (`name`: shapes | ade20k | maskfolder, `root`, `img_size` = crop size, `num_classes`, `ignore_index`),
-`optim`, `schedule` (per-step, e.g. `sched: poly`), `aug.hflip`, `aug.scale` (random rescale ratio range).
+`optim`, `schedule` (e.g. `sched: poly`, per update with `sched_on_updates`), `aug.hflip`, `aug.scale` (random
+rescale ratio range), `eval` (`mode`: whole | slide, with `crop_size` and `stride` for mmseg's sliding-window
+inference).
 """
 import argparse
 import dataclasses
 import inspect
+import time
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -24,12 +27,15 @@ from torch.utils.data import DataLoader
 
 from zoo.data.segmentation import MaskFolder, SegTransform, ShapesSegmentation, ade20k_folders
 from zoo.manifest import verify_listed_checkpoint
+from zoo.progress import track
 from zoo.recipes import Recipe, RecipeError, recipe_to_dict
 from zoo.tasks.artifact import CONFIG_FILE, WEIGHTS_FILE, load_weights, read_config, save_weights, write_config
 from zoo.tasks.engine import Monitor, RunData, TaskModule, backbone_no_weight_decay, fit, start_run
+from zoo.tasks.inference import Inference
 from zoo.tasks.protocol import Task
 
-__all__ = ['ARCHITECTURES', 'Segmenter', 'build_segmenter', 'decoder_arguments', 'check_batch', 'confusion_matrix',
+__all__ = ['ARCHITECTURES', 'Segmenter', 'build_segmenter', 'decoder_arguments', 'check_batch', 'slide_logits',
+           'segment_logits', 'confusion_matrix',
            'segmentation_metrics', 'build_datasets', 'SegmentationModule', 'train', 'evaluate', 'save_segmenter',
            'load_segmenter', 'TASK']
 # the weights file of segmentation runs written before the task artifact format (a torch state dict; the run's
@@ -192,17 +198,29 @@ def build_datasets(recipe: Recipe, splits: Sequence[str] = ('train', 'val')) -> 
                   for split in splits), classes + 1)
     if d.name not in ('ade20k', 'maskfolder'):
         raise ValueError(f"data.name must be 'shapes', 'ade20k' or 'maskfolder' for segmentation, got {d.name!r}")
-    if not d.root or not d.num_classes:
-        raise ValueError(f'data.root and data.num_classes are required for data.name={d.name}')
-    reduce = d.name == 'ade20k'
+    if not d.num_classes:
+        raise ValueError(f'data.num_classes is required for data.name={d.name}')
+    return (*(MaskFolder(*_split_folders(recipe, split), transform=transforms[split],
+                         reduce_zero_label=d.name == 'ade20k', ignore_index=d.ignore_index) for split in splits),
+            d.num_classes)
 
-    def folders(split: str):
-        if reduce:
-            return ade20k_folders(d.root, split)
-        return Path(d.root) / split / 'images', Path(d.root) / split / 'masks'
 
-    return (*(MaskFolder(*folders(split), transform=transforms[split], reduce_zero_label=reduce,
-                         ignore_index=d.ignore_index) for split in splits), d.num_classes)
+def _split_folders(recipe: Recipe, split: str) -> Tuple[Path, Path]:
+    """(images, masks) folders of a split of an ADE20K tree (root/images|annotations/training|validation) or a
+    mask folder (root/<split>/images|masks)."""
+    d = recipe.data
+    if not d.root:
+        raise RecipeError(f'{recipe.path}: data.root is required for data.name={d.name}')
+    if d.name == 'ade20k':
+        return ade20k_folders(d.root, split)
+    return Path(d.root) / split / 'images', Path(d.root) / split / 'masks'
+
+
+def _data_paths(recipe: Recipe) -> List[Path]:
+    """The folders the recipe's data reads (train and val images and masks); none for the shapes set."""
+    if recipe.data.name not in ('ade20k', 'maskfolder'):
+        return []
+    return [folder for split in ('train', 'val') for folder in _split_folders(recipe, split)]
 
 
 def _segmenter_from_recipe(recipe: Recipe, num_classes: int) -> Segmenter:
@@ -228,8 +246,38 @@ def check_batch(images: torch.Tensor, in_chans: int = 3, multiple: int = 32) -> 
                          f'got {images.shape[2]}x{images.shape[3]}')
 
 
+def slide_logits(model, images: torch.Tensor, num_classes: int, crop_size: int, stride: int) -> torch.Tensor:
+    """mmseg's sliding-window inference: (B, C, H, W) -> (B, num_classes, H, W) logits, each pixel the mean of the
+    logits of the `crop_size` windows covering it. Windows start every `stride` pixels; the last one of a row or
+    column is moved back to end at the border, and a side shorter than the window is taken whole."""
+    batch, _, height, width = images.shape
+    rows = max(height - crop_size + stride - 1, 0) // stride + 1
+    cols = max(width - crop_size + stride - 1, 0) // stride + 1
+    logits = images.new_zeros(batch, num_classes, height, width)
+    count = images.new_zeros(1, 1, height, width)
+    for row in range(rows):
+        for col in range(cols):
+            bottom, right = min(row * stride + crop_size, height), min(col * stride + crop_size, width)
+            top, left = max(bottom - crop_size, 0), max(right - crop_size, 0)
+            logits[:, :, top:bottom, left:right] += model(images[:, :, top:bottom, left:right])
+            count[:, :, top:bottom, left:right] += 1
+    return logits / count
+
+
+def segment_logits(model, images: torch.Tensor, recipe: Recipe, num_classes: int) -> torch.Tensor:
+    """Evaluation logits (B, num_classes, H, W) by the recipe's `eval.mode`: the whole image at once, or sliding
+    windows of eval.crop_size (default data.img_size) every eval.stride pixels (default 2/3 of the window: mmseg's
+    512 / 341)."""
+    e = recipe.eval
+    if e.mode == 'whole':
+        return model(images)
+    crop = e.crop_size or recipe.data.img_size
+    return slide_logits(model, images, num_classes, crop, e.stride or crop * 2 // 3)
+
+
 class SegmentationModule(TaskModule):
-    """An smp segmenter trained with pixel cross-entropy (ignore_index) and a per-step timm schedule."""
+    """An smp segmenter trained with pixel cross-entropy (ignore_index) and a timm schedule, evaluated on whole
+    images or sliding windows (`eval.mode`)."""
 
     def __init__(self, recipe: Recipe, num_classes: int, run_dir: Optional[Path] = None):
         super().__init__(recipe, run_dir)
@@ -256,7 +304,7 @@ class SegmentationModule(TaskModule):
 
     def validation_step(self, batch, batch_idx):
         images, masks = batch
-        pred = self(images).argmax(1)
+        pred = segment_logits(self.model, images, self.recipe, self.num_classes).argmax(1)
         self._confusion += confusion_matrix(pred, masks, self.num_classes, self.recipe.data.ignore_index)
 
     def on_validation_epoch_end(self):
@@ -346,20 +394,27 @@ def train(recipe: Recipe, output: str, resume: Optional[str] = None) -> Dict[str
 
 
 def evaluate(checkpoint: str, data_root: Optional[str] = None, batch_size: Optional[int] = None, workers: int = 0,
-             recipe_path: Optional[str] = None) -> Dict[str, float]:
+             recipe_path: Optional[str] = None, inference: Inference = Inference()) -> Dict[str, float]:
     """mIoU / mAcc / aAcc (%) of a trained segmenter (load_segmenter) on the validation split of the data it was
-    trained on, or of that dataset type under `data_root`."""
+    trained on, or of that dataset type under `data_root`, with the recipe's eval mode (whole or sliding windows);
+    plus the image count and throughput (images per second over the whole loop, image reading included)."""
     model, recipe, num_classes = load_segmenter(checkpoint, recipe_path)
     if data_root:
         recipe = dataclasses.replace(recipe, data=dataclasses.replace(recipe.data, root=data_root))
     val_set = build_datasets(recipe, splits=('val',))[0]
     loader = DataLoader(val_set, batch_size=batch_size or recipe.data.eval_batch_size or recipe.data.batch_size,
-                        num_workers=workers)
+                        num_workers=workers, pin_memory=inference.device.type == 'cuda')
+    model = inference.prepare(model)
     confusion = torch.zeros(num_classes, num_classes, dtype=torch.int64)
+    start = time.perf_counter()
     with torch.no_grad():
-        for images, masks in loader:
-            confusion += confusion_matrix(model(images).argmax(1), masks, num_classes, recipe.data.ignore_index)
-    return dict(segmentation_metrics(confusion), images=len(val_set))
+        for images, masks in track(loader, 'eval', unit='batch'):
+            with inference.autocast():
+                logits = segment_logits(model, inference.images(images), recipe, num_classes)
+            confusion += confusion_matrix(logits.argmax(1).cpu(), masks, num_classes, recipe.data.ignore_index)
+    seconds = time.perf_counter() - start
+    return dict(segmentation_metrics(confusion), images=len(val_set), seconds=round(seconds, 2),
+                images_per_second=round(len(val_set) / seconds, 2))
 
 
 def _check_recipe(recipe: Recipe) -> None:
@@ -378,7 +433,9 @@ def _evaluate_command(args: argparse.Namespace) -> Dict:
     """`zoo eval` for segmentation: a model folder (RUN/model), or a segmenter.pt / Lightning .ckpt of a run."""
     if not args.checkpoint:
         raise ValueError('--task segmentation needs --checkpoint RUN/model (or a .ckpt of the run)')
-    return evaluate(args.checkpoint, args.data, args.batch_size, args.workers, args.recipe)
+    inference = Inference.from_args(args)
+    metrics = evaluate(args.checkpoint, args.data, args.batch_size, args.workers, args.recipe, inference)
+    return {'checkpoint': args.checkpoint, **metrics, **inference.describe()}
 
 
 def _add_eval_arguments(group: argparse._ArgumentGroup) -> None:
@@ -391,4 +448,5 @@ def _is_legacy_segmenter_folder(folder: Path) -> bool:
 
 
 TASK = Task(name='segmentation', train=train, evaluate=_evaluate_command, add_eval_arguments=_add_eval_arguments,
-            check_recipe=_check_recipe, recognizes=_is_legacy_segmenter_folder)
+            check_recipe=_check_recipe, recognizes=_is_legacy_segmenter_folder, data_paths=_data_paths,
+            datasets=('shapes', 'ade20k', 'maskfolder'))

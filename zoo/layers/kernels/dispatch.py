@@ -13,13 +13,16 @@ a call at all (device, dtype, an operator feature it does not compute) and when 
   'na2d' left out by `gpu_kernels`);
 * 'dense' (fused neighbourhood attention only): off CUDA, for maps small enough that one dense attention beats
   the reference (zoo.layers.kernels.na2d_dense.fits, a measured crossover);
+* 'blocked' (neighbourhood attention and its halves, zoo.layers.kernels.na2d_blocked: query tiles against their key
+  block as batched matrix products): on CPU in float32, where it beat the reference on every measured shape
+  (benchmarks/RESULTS.md, "Blocked na2d"); it runs on any device, but CUDA and half precision await measurements;
 * 'torch': otherwise, and always inside `reference_only()`.
 
-Adding a backend (say a blocked plain-PyTorch path of na2d, or a routed path of a MoH operator): implement it, add
-a `Backend(name, cannot_run, auto)` to its operator at its place in the preference order (`auto` holds the measured
-crossover as a predicate of the `Call`), and give the operator a branch that runs it. Adding an operator: one
-`Operator(name, backends)` entry ending in `REFERENCE`, and a `resolve` call in the operator. A rule that needs
-more than device, dtype, shape and rpb gets a new `Call` field with a default, passed by its operator.
+Adding a backend (say a routed path of a MoH operator): implement it, add a `Backend(name, cannot_run, auto)` to
+its operator at its place in the preference order (`auto` holds the measured crossover as a predicate of the
+`Call`), and give the operator a branch that runs it (as 'blocked' has in zoo.layers.neighborhood). Adding an
+operator: one `Operator(name, backends)` entry ending in `REFERENCE`, and a `resolve` call in the operator. A rule
+that needs more than device, dtype, shape and rpb gets a new `Call` field with a default, passed by its operator.
 """
 import contextlib
 import importlib.util
@@ -172,20 +175,36 @@ def _dense_auto(call: Call) -> bool:
     return call.device.type != 'cuda' and dense_fits(call.shape)
 
 
+def _blocked_auto(call: Call) -> bool:
+    return call.device.type == 'cpu' and call.dtype == torch.float32
+
+
+_BLOCKED = Backend('blocked', _runs_anywhere, _blocked_auto)
 _TORCH = Backend(REFERENCE, _runs_anywhere, _always)
 
 OPERATORS: Dict[str, Operator] = {op.name: op for op in (
     # zoo.layers.neighborhood: fused neighborhood_attention_2d, and its two halves
     Operator('na2d', (_triton('na2d'), Backend('natten', _natten_cannot_run, _natten_auto),
-                      Backend('dense', _runs_anywhere, _dense_auto), _TORCH)),
-    Operator('na2d_qk', (_triton('na2d'), _TORCH)),
-    Operator('na2d_av', (_triton('na2d'), _TORCH)),
+                      Backend('dense', _runs_anywhere, _dense_auto), _BLOCKED, _TORCH)),
+    Operator('na2d_qk', (_triton('na2d'), _BLOCKED, _TORCH)),
+    Operator('na2d_av', (_triton('na2d'), _BLOCKED, _TORCH)),
     # zoo.layers.halo_attn.halo_attention_2d
     Operator('halo', (_triton('halo'), _TORCH)),
     # zoo.layers.aggregated_attn: the zero-padded window halves of TransNeXt's aggregated attention
     Operator('window_qk', (_triton('aggregated_window'), _TORCH)),
     Operator('window_av', (_triton('aggregated_window'), _TORCH)),
 )}
+
+
+# zoo.layers.aggregated_attn (both TransNeXt attentions) with mixture-of-heads gating: 'routed' computes each routed
+# head only for the tokens that selected it (gather, attend, scatter), 'torch' every head for every token, gated.
+# 'auto' would take 'routed' only where benchmarks/moh_cpu.py measured it faster: on CPU both MoH-ViT models ran
+# slower routed (benchmarks/RESULTS.md, "MoH") and no GPU run exists, so it never does yet.
+def _moh_routed_auto(call: Call) -> bool:
+    return False
+
+
+OPERATORS['moh_heads'] = Operator('moh_heads', (Backend('routed', _runs_anywhere, _moh_routed_auto), _TORCH))
 
 
 def _operator(name: str) -> Operator:

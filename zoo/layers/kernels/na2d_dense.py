@@ -13,7 +13,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..window_geometry import neighborhood_axis_numpy, rpb_index_numpy
+from ..window_geometry import capturing_graph, neighborhood_axis_tables, rpb_index
 
 __all__ = ['neighborhood_attention_2d', 'fits', 'MAX_TOKENS', 'MAX_ATTENTION_ELEMENTS']
 
@@ -32,16 +32,22 @@ def fits(shape: Sequence[int]) -> bool:
     return tokens <= MAX_TOKENS and batch * heads * tokens * tokens <= MAX_ATTENTION_ELEMENTS
 
 
+def _dense_bias_table(height, width, kernel_size: int, dilation: int, device: torch.device) -> torch.Tensor:
+    """(H*W, H*W) int64: flat rpb index (row * (2k-1) + col) of each (query, key) pair inside the query's window,
+    and (2k-1)^2, one past the table, for every pair outside it. H and W may be sizes of a captured graph."""
+    rows, _ = neighborhood_axis_tables(height, kernel_size, dilation, device)
+    cols, _ = neighborhood_axis_tables(width, kernel_size, dilation, device)
+    keys = (rows[:, None, :, None] * width + cols[None, :, None, :]).reshape(height * width, -1)
+    bias = rpb_index(height, width, kernel_size, dilation, device).reshape(height * width, -1)
+    outside = torch.full((height * width, height * width), (2 * kernel_size - 1) ** 2, dtype=torch.int64,
+                         device=device)
+    return outside.scatter(1, keys, bias)
+
+
 @lru_cache(maxsize=32)
 def _dense_bias_index(height: int, width: int, kernel_size: int, dilation: int) -> np.ndarray:
-    """(H*W, H*W) int64: flat rpb index (row * (2k-1) + col) of each (query, key) pair inside the query's window,
-    and (2k-1)^2, one past the table, for every pair outside it."""
-    rows, _ = neighborhood_axis_numpy(height, kernel_size, dilation)
-    cols, _ = neighborhood_axis_numpy(width, kernel_size, dilation)
-    keys = (rows[:, None, :, None] * width + cols[None, :, None, :]).reshape(height * width, -1)
-    bias = rpb_index_numpy(height, width, kernel_size, dilation).reshape(height * width, -1)
-    index = np.full((height * width, height * width), (2 * kernel_size - 1) ** 2, dtype=np.int64)
-    np.put_along_axis(index, keys, bias, axis=1)
+    """`_dense_bias_table` as a read-only numpy array, the eager calls' cache (see zoo.layers.window_geometry)."""
+    index = _dense_bias_table(height, width, kernel_size, dilation, torch.device('cpu')).numpy()
     index.flags.writeable = False
     return index
 
@@ -49,7 +55,10 @@ def _dense_bias_index(height: int, width: int, kernel_size: int, dilation: int) 
 def _attention_bias(rpb: Optional[torch.Tensor], heads: int, height: int, width: int, kernel_size: int,
                     dilation: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """(heads or 1, H*W, H*W) additive bias: rpb inside each window, -inf outside (differentiable in rpb)."""
-    index = torch.tensor(_dense_bias_index(height, width, kernel_size, dilation), device=device)
+    if capturing_graph():
+        index = _dense_bias_table(height, width, kernel_size, dilation, device)
+    else:
+        index = torch.tensor(_dense_bias_index(height, width, kernel_size, dilation), device=device)
     if rpb is None:
         table = torch.zeros(1, (2 * kernel_size - 1) ** 2, dtype=dtype, device=device)
     else:

@@ -1,0 +1,129 @@
+"""Where and how `zoo eval` runs a model: the device, mixed precision, memory format, and the results file.
+
+Every task's evaluation takes an `Inference` (built from the shared `zoo eval` flags by `Inference.from_args`) and
+moves its model and batches through it, so that `--device cuda --amp --channels-last` mean the same for
+classification, detection and segmentation. The flags follow timm's validate.py where it has one.
+"""
+import argparse
+import contextlib
+import csv
+import io
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ContextManager, Dict, Optional
+
+import torch
+import torch.nn as nn
+
+from zoo.files import atomic_write_bytes
+
+__all__ = ['Inference', 'resolve_device', 'add_inference_arguments', 'write_results', 'AMP_DTYPES']
+
+AMP_DTYPES = {'float16': torch.float16, 'bfloat16': torch.bfloat16}
+
+
+def resolve_device(name: Optional[str]) -> torch.device:
+    """`--device` -> a torch.device: None means CUDA when available, else the CPU.
+
+    Raises:
+        ValueError: a name torch does not know, or a device this machine does not have.
+    """
+    if name is None:
+        return torch.device('cuda' if torch.cuda.is_available() else 'cpu')
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f'--device {name!r} is not a device name (cpu, cuda, cuda:1, mps)') from None
+    if device.type == 'cuda':
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ValueError(f'--device {name}: no CUDA device is available here (torch {torch.__version__}, CUDA '
+                             f'build: {torch.version.cuda or "no"})')
+        if device.index is not None and device.index >= count:
+            raise ValueError(f'--device {name}: this machine has {count} CUDA device(s)')
+    elif device.type == 'mps' and not torch.backends.mps.is_available():
+        raise ValueError(f'--device {name}: MPS is not available here')
+    elif device.type not in ('cpu', 'cuda', 'mps'):
+        raise ValueError(f'--device {name}: only cpu, cuda and mps are supported')
+    return device
+
+
+@dataclass(frozen=True)
+class Inference:
+    """How an evaluation runs its model.
+
+    device: where model and batches live.
+    amp_dtype: autocast dtype (float16 / bfloat16), or None for full precision.
+    channels_last: NHWC memory format for model and image batches (faster convolutions on most hardware).
+    """
+    device: torch.device = torch.device('cpu')
+    amp_dtype: Optional[torch.dtype] = None
+    channels_last: bool = False
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> 'Inference':
+        """From the flags of `add_inference_arguments`; --amp alone picks bfloat16 on the CPU and float16 on CUDA."""
+        device = resolve_device(args.device)
+        amp_dtype = None
+        if args.amp or args.amp_dtype:
+            default = 'float16' if device.type == 'cuda' else 'bfloat16'
+            amp_dtype = AMP_DTYPES[args.amp_dtype or default]
+        return cls(device, amp_dtype, args.channels_last)
+
+    def prepare(self, model: nn.Module) -> nn.Module:
+        """`model` in eval mode on the device, in the memory format."""
+        model = model.to(self.device).eval()
+        return model.to(memory_format=torch.channels_last) if self.channels_last else model
+
+    def images(self, batch: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) images on the device, in the memory format."""
+        batch = batch.to(self.device, non_blocking=True)
+        return batch.contiguous(memory_format=torch.channels_last) if self.channels_last else batch
+
+    def autocast(self) -> ContextManager:
+        """Mixed precision for the forward passes, when asked for."""
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+
+    def synchronize(self) -> None:
+        """Wait for queued device work, so that a timing covers it."""
+        if self.device.type == 'cuda':
+            torch.cuda.synchronize(self.device)
+
+    def describe(self) -> Dict[str, Any]:
+        """What the results file records about the run."""
+        return {'device': str(self.device), 'amp': str(self.amp_dtype).replace('torch.', '') if self.amp_dtype else
+                None, 'channels_last': self.channels_last}
+
+
+def add_inference_arguments(parser: argparse.ArgumentParser) -> None:
+    """The `zoo eval` / `zoo predict` flags that choose device, precision and memory format."""
+    parser.add_argument('--device', default=None, help='cpu, cuda, cuda:N or mps (default: cuda when available)')
+    parser.add_argument('--amp', action='store_true',
+                        help='mixed precision: bfloat16 on the CPU, float16 on CUDA (or --amp-dtype)')
+    parser.add_argument('--amp-dtype', default=None, choices=sorted(AMP_DTYPES), help='autocast dtype (implies --amp)')
+    parser.add_argument('--channels-last', action='store_true', help='NHWC memory format for model and images')
+
+
+def write_results(metrics: Dict[str, Any], path: str) -> None:
+    """The metrics as JSON (`.json`) or as a one-row CSV with a header (`.csv`), written atomically.
+
+    Raises:
+        ValueError: another file extension.
+    """
+    target = Path(path)
+    suffix = target.suffix.lower()
+    if suffix == '.json':
+        text = json.dumps(metrics, indent=1) + '\n'
+    elif suffix == '.csv':
+        buffer = io.StringIO()
+        flat = {key: json.dumps(value) if isinstance(value, (dict, list)) else value for key, value in metrics.items()}
+        writer = csv.DictWriter(buffer, fieldnames=list(flat))
+        writer.writeheader()
+        writer.writerow(flat)
+        text = buffer.getvalue()
+    else:
+        raise ValueError(f'--results-file {path}: use a .json or .csv file name')
+    atomic_write_bytes(target, text.encode())
