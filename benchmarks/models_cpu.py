@@ -1,0 +1,65 @@
+"""Whole models on the CPU, interleaved in one process: each zoo model with `backend='auto'` (what users get) and
+with every operator on its reference (`reference_only()`), beside a timm baseline; min of the repeats, ratios to
+the baseline. A training step is forward, cross-entropy and backward.
+
+    python benchmarks/models_cpu.py --models nat_mini dinat_mini --baseline convnext_tiny --batch 16 --mode train
+"""
+import argparse
+import contextlib
+import time
+
+import timm
+import torch
+
+import zoo  # noqa: F401  (registers the zoo models)
+from zoo.layers.kernels import reference_only
+
+
+def step_fn(model: torch.nn.Module, x: torch.Tensor, mode: str):
+    """One eval forward (no_grad) or one training step of `model` on `x`."""
+    labels = torch.randint(0, model.num_classes, (x.shape[0],))
+
+    def step():
+        if mode == 'eval':
+            with torch.no_grad():
+                model(x)
+            return
+        model.zero_grad(set_to_none=True)
+        torch.nn.functional.cross_entropy(model(x), labels).backward()
+    return step
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+    parser.add_argument('--models', nargs='+', default=['nat_mini', 'dinat_mini'])
+    parser.add_argument('--baseline', default='convnext_tiny')
+    parser.add_argument('--batch', type=int, default=16)
+    parser.add_argument('--img-size', type=int, default=224)
+    parser.add_argument('--mode', choices=('eval', 'train'), default='train')
+    parser.add_argument('--repeats', type=int, default=3)
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    x = torch.randn(args.batch, 3, args.img_size, args.img_size)
+    arms = {}
+    for name in [args.baseline, *args.models]:
+        model = timm.create_model(name).train(args.mode == 'train')
+        arms[name] = (step_fn(model, x, args.mode), contextlib.nullcontext)
+        if name != args.baseline:
+            arms[f'{name} (reference)'] = (arms[name][0], reference_only)
+    best = dict.fromkeys(arms, float('inf'))
+    for repeat in range(args.repeats + 1):  # the first round warms up
+        for name, (step, context) in arms.items():
+            with context():
+                start = time.perf_counter()
+                step()
+                seconds = time.perf_counter() - start
+            if repeat:
+                best[name] = min(best[name], seconds)
+    print(f'{args.mode}, batch {args.batch}, {args.img_size}px, torch {torch.__version__}, '
+          f'{torch.get_num_threads()} threads, min of {args.repeats} interleaved repeats')
+    for name, seconds in best.items():
+        print(f'{name:<28} {args.batch / seconds:7.2f} img/s  {best[args.baseline] / seconds:5.2f}x {args.baseline}')
+
+
+if __name__ == '__main__':
+    main()
