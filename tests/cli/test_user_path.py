@@ -166,3 +166,18 @@ def test_dry_run_checks_every_phase_and_the_teacher(capsys):
     error = capsys.readouterr().err
     assert 'loss.distill.checkpoint: /data/checkpoints/' in error and 'data: /data/imagenet/val' in error
     assert error.count('\n') == 1  # one line, each path once
+
+
+@pytest.mark.parametrize('task,dataset,first_path', [
+    ('detection', 'coco', 'annotations/instances_train2017.json'),
+    ('segmentation', 'maskfolder', 'train/images'),
+    ('segmentation', 'ade20k', 'images/training'),
+    ('compression', 'folder', 'train'),
+])
+def test_dry_run_checks_the_data_of_every_task(task, dataset, first_path, capsys):
+    recipe = str(REPO / 'recipes' / task / 'quickstart.yaml')
+    assert main(['train', recipe, '--dry-run', '--set', f'data.name={dataset}']) == 2
+    assert f'data.root is required for data.name={dataset}' in capsys.readouterr().err
+    assert main(['train', recipe, '--dry-run', '--set', f'data.name={dataset}', '--set', 'data.root=/no/data',
+                 '--set', 'data.num_classes=3']) == 2
+    assert f'not found: data: /no/data/{first_path}' in capsys.readouterr().err

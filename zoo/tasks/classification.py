@@ -24,13 +24,13 @@ from zoo.data.shapes import ShapesClassification
 from zoo.data.transforms import randaugment_square_transform
 from zoo.manifest import verify_listed_checkpoint
 from zoo.progress import track
-from zoo.recipes import Recipe, RecipeError
+from zoo.recipes import Recipe
 from zoo.tasks.artifact import CONFIG_FILE, WEIGHTS_FILE, read_config
 from zoo.tasks.distill import DistillConfig, DistillLoss
 from zoo.tasks.engine import Monitor, RunData, TaskModule, fit, start_run
 from zoo.tasks.inference import Inference
 from zoo.tasks.phases import train_phases
-from zoo.tasks.protocol import Task
+from zoo.tasks.protocol import Task, data_root
 
 __all__ = ['ClassificationModule', 'build_model', 'data_config', 'build_datasets', 'train', 'evaluate', 'predict',
            'export_model', 'skip_unreadable_collate', 'load_model', 'label_names', 'folder_for_model', 'TASK']
@@ -106,13 +106,10 @@ def build_datasets(recipe: Recipe, train_transform=None, val_transform=None) -> 
 
 def _data_paths(recipe: Recipe) -> List[Path]:
     """The folders the recipe's data reads: root/train and root/val for an ImageFolder, none for the shapes set."""
-    d = recipe.data
-    if d.name != 'imagefolder':
+    if recipe.data.name != 'imagefolder':
         return []
-    if not d.root:
-        raise RecipeError(f'{recipe.path}: data.root is required for data.name=imagefolder (a folder with train/ '
-                          f'and val/)')
-    return [Path(d.root) / 'train', Path(d.root) / 'val']
+    root = data_root(recipe, 'a folder with train/ and val/')
+    return [root / 'train', root / 'val']
 
 
 class ClassificationModule(TaskModule):

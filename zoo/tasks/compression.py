@@ -41,7 +41,7 @@ from zoo.data.images import image_files, load_rgb
 from zoo.data.photos import RandomCropDataset, photo_names, photo_path
 from zoo.recipes import Recipe, RecipeError, timm_constructor_arguments
 from zoo.tasks.engine import Monitor, RunData, TaskModule, fit, start_run, write_metrics
-from zoo.tasks.protocol import Task
+from zoo.tasks.protocol import Task, data_root
 
 __all__ = ['LAMBDAS', 'METRICS', 'resolve_lambda', 'rate_distortion_loss', 'CompressionModule', 'train', 'TASK']
 
@@ -204,13 +204,10 @@ class CompressionModule(TaskModule):
 
 def _data_paths(recipe: Recipe) -> List[Path]:
     """The folders the recipe's data reads: root/train and root/test for a folder, none for the bundled photos."""
-    d = recipe.data
-    if d.name != 'folder':
+    if recipe.data.name != 'folder':
         return []
-    if not d.root:
-        raise RecipeError(f'{recipe.path}: data.root is required for data.name=folder (a folder with train/ and '
-                          f'test/ images)')
-    return [Path(d.root) / 'train', Path(d.root) / 'test']
+    root = data_root(recipe, 'a folder with train/ and test/ images')
+    return [root / 'train', root / 'test']
 
 
 def _data_files(recipe: Recipe) -> Tuple[List[Path], List[Path], bool]:

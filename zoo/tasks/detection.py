@@ -36,7 +36,7 @@ from zoo.recipes import Recipe, RecipeError
 from zoo.tasks.artifact import CONFIG_FILE, WEIGHTS_FILE, load_weights, read_config, save_weights, write_config
 from zoo.tasks.engine import Monitor, RunData, TaskModule, backbone_no_weight_decay, fit, start_run
 from zoo.tasks.inference import Inference
-from zoo.tasks.protocol import Task
+from zoo.tasks.protocol import Task, data_root
 
 __all__ = ['ARCHS', 'HeadConfig', 'FeaturePyramidBackbone', 'load_backbone_weights', 'build_detector',
            'validate_images', 'coco_evaluate', 'evaluate', 'DetectionModule', 'build_datasets', 'train',
@@ -425,10 +425,7 @@ def _data_paths(recipe: Recipe) -> List[Path]:
     d = recipe.data
     if d.name != 'coco':
         return []
-    if not d.root:
-        raise RecipeError(f'{recipe.path}: data.root is required for data.name=coco (a folder with train2017/, '
-                          f'val2017/ and annotations/)')
-    root = Path(d.root)
+    root = data_root(recipe, 'a folder with train2017/, val2017/ and annotations/')
     return [root / 'annotations' / 'instances_train2017.json', root / 'train2017',
             Path(d.ann_file) if d.ann_file else root / 'annotations' / 'instances_val2017.json', root / 'val2017']
 

@@ -12,7 +12,7 @@ from typing import Any, Callable, Dict, Optional, Sequence
 
 from zoo.recipes import Recipe, RecipeError, timm_constructor_arguments
 
-__all__ = ['Task', 'no_recipe_checks', 'no_data_paths']
+__all__ = ['Task', 'no_recipe_checks', 'no_data_paths', 'data_root']
 
 
 def no_recipe_checks(recipe: Recipe) -> None:
@@ -21,6 +21,17 @@ def no_recipe_checks(recipe: Recipe) -> None:
 
 def _no_legacy_layout(folder: Path) -> bool:
     return False
+
+
+def data_root(recipe: Recipe, layout: str) -> Path:
+    """data.root of a recipe whose data reads files under it; `layout` says what that folder holds (for the error).
+
+    Raises:
+        RecipeError: data.root is not set.
+    """
+    if not recipe.data.root:
+        raise RecipeError(f'{recipe.path}: data.root is required for data.name={recipe.data.name} ({layout})')
+    return Path(recipe.data.root)
 
 
 def no_data_paths(recipe: Recipe) -> Sequence[Path]:

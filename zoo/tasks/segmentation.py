@@ -32,7 +32,7 @@ from zoo.recipes import Recipe, RecipeError, recipe_to_dict
 from zoo.tasks.artifact import CONFIG_FILE, WEIGHTS_FILE, load_weights, read_config, save_weights, write_config
 from zoo.tasks.engine import Monitor, RunData, TaskModule, backbone_no_weight_decay, fit, start_run
 from zoo.tasks.inference import Inference
-from zoo.tasks.protocol import Task
+from zoo.tasks.protocol import Task, data_root
 
 __all__ = ['ARCHITECTURES', 'Segmenter', 'build_segmenter', 'decoder_arguments', 'check_batch', 'slide_logits',
            'segment_logits', 'confusion_matrix',
@@ -208,12 +208,10 @@ def build_datasets(recipe: Recipe, splits: Sequence[str] = ('train', 'val')) -> 
 def _split_folders(recipe: Recipe, split: str) -> Tuple[Path, Path]:
     """(images, masks) folders of a split of an ADE20K tree (root/images|annotations/training|validation) or a
     mask folder (root/<split>/images|masks)."""
-    d = recipe.data
-    if not d.root:
-        raise RecipeError(f'{recipe.path}: data.root is required for data.name={d.name}')
-    if d.name == 'ade20k':
-        return ade20k_folders(d.root, split)
-    return Path(d.root) / split / 'images', Path(d.root) / split / 'masks'
+    if recipe.data.name == 'ade20k':
+        return ade20k_folders(str(data_root(recipe, 'images/ and annotations/ of ADE20K')), split)
+    root = data_root(recipe, 'train/ and val/, each with images/ and masks/')
+    return root / split / 'images', root / split / 'masks'
 
 
 def _data_paths(recipe: Recipe) -> List[Path]:
