@@ -63,6 +63,23 @@ def test_fused_equals_reference_forward_and_backward(height, width, kernel_size,
     _assert_all_close(blocked, reference, atol=1e-12)
 
 
+@pytest.mark.parametrize('chunk', [200, 20000])
+@pytest.mark.parametrize('height,width,kernel_size,dilation', [(21, 22, 7, 3), (11, 10, 5, 2)])
+def test_chunks_equal_reference_forward_and_backward(monkeypatch, chunk, height, width, kernel_size, dilation):
+    """Chunked runs give the reference's outputs and gradients: bands of one tile row (200 logits), of two tile rows
+    (20000 logits at 21 x 22) and two whole images (20000 at 11 x 10). The chunks must cover every tile once and
+    the backward's accumulations must add up."""
+    monkeypatch.setattr(na2d_blocked, 'CHUNK_LOGITS', chunk)
+    q, k, v, rpb = _inputs(height, width, kernel_size, with_rpb=True)
+    q, k, v = (torch.cat([t, 2 * t, -t]) for t in (q, k, v))  # three images: several chunks of whole images
+    chunks = list(na2d_blocked._Map(na2d_blocked._geometry(q, kernel_size, dilation, 3), q.device).bands(3, 2))
+    assert len(chunks) > 1
+    got, expected = (_value_and_grads(lambda q, k, v, b: fn(q, k, v, kernel_size, dilation, b, 0.7), q, k, v, rpb)
+                     for fn in (lambda *a: na2d_blocked.neighborhood_attention_2d(*a, tile=3),
+                                lambda *a: neighborhood_attention_2d(*a, backend='torch')))
+    _assert_all_close(got, expected, atol=1e-12)
+
+
 @pytest.mark.parametrize('height,width,kernel_size,dilation', SHAPES)
 @pytest.mark.parametrize('tile', TILES)
 def test_halves_equal_reference_forward_and_backward(height, width, kernel_size, dilation, tile):
@@ -186,3 +203,20 @@ def test_gpu_benchmark_dry_run_checks_the_blocked_path(tmp_path, monkeypatch):
     monkeypatch.setattr(script, 'check_blocked', lambda shape: 1.0)
     with pytest.raises(AssertionError, match='the blocked path differs from the reference'):
         script.dry_run()
+
+
+@pytest.mark.parametrize('operator', ['fused', 'qk', 'av'])
+def test_compiles_as_one_graph_and_matches_eager(operator):
+    """Under torch.compile (fullgraph) the tables are built in the graph and the fused operator runs as one chunk under
+    autograd; values and gradients equal the eager (chunked, custom-backward) path."""
+    q, k, v, rpb = _inputs(10, 9, 3, with_rpb=True)
+    attn = torch.rand(*q.shape[:4], 9, dtype=torch.float64).softmax(-1)
+    fn, tensors = {
+        'fused': (lambda q, k, v, b: na2d_blocked.neighborhood_attention_2d(q, k, v, 3, 2, b, 0.7, tile=4),
+                  (q, k, v, rpb)),
+        'qk': (lambda q, k, b: na2d_blocked.na2d_qk(q, k, 3, 2, b, tile=4), (q, k, rpb)),
+        'av': (lambda a, v: na2d_blocked.na2d_av(a, v, 3, 2, tile=4), (attn, v)),
+    }[operator]
+    torch._dynamo.reset()
+    compiled = torch.compile(fn, fullgraph=True, backend='eager')
+    _assert_all_close(_value_and_grads(compiled, *tensors), _value_and_grads(fn, *tensors), atol=1e-12)
