@@ -8,7 +8,8 @@ Implementations (all compute softmax(scale * q.k) @ v over dilated, border-shift
               all H*W keys with the neighbourhood as an additive bias (-inf outside, rpb inside); what
               backend='auto' runs on CPU for maps up to 400 tokens (larger maps skip it). O((H*W)^2) memory.
 * blocked     backend='blocked' (zoo.layers.kernels.na2d_blocked): query tiles against their key block (tile +
-              halo) as one masked scaled_dot_product_attention; autograd gives the backward.
+              halo) as batched masked matrix products, in cache-sized chunks, with a backward that recomputes
+              each chunk's probabilities.
 * natten      natten.na2d with backend 'flex-fna', eager (the only CPU path of natten 0.21.7 without
               its compiled library); forward only, natten has no CPU backward. Skipped if natten
               is not installed.

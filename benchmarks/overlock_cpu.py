@@ -1,4 +1,4 @@
-"""CPU throughput and peak memory of OverLoCK against timm's convnext_tiny, in the same run.
+"""CPU throughput and peak memory of zoo models (OverLoCK by default) against timm's convnext_tiny, in the same run.
 
 For each (model, form, image size): forward only at batch 1 (no_grad, eval) and, at sizes <= --train-max-size,
 one training step (forward + backward, train mode; OverLoCK through forward_with_aux with the official
@@ -13,6 +13,11 @@ processes hold the cores; it measures the work itself with --threads 1, since wi
 OpenMP threads spinning). Ratios are against convnext_tiny at the same size and mode.
 
     PYTHONPATH=. .venv/bin/python benchmarks/overlock_cpu.py --sizes 224 512 1024 --json /tmp/overlock_cpu.json
+
+Any hierarchical model takes the 'train' form (`--forms train`), e.g. the peak-memory check at 1024 x 1024:
+
+    PYTHONPATH=. .venv/bin/python benchmarks/overlock_cpu.py --models nat_mini transnext_micro halonet_paper_h0 \
+        --sizes 1024 --train-max-size 0 --forms train --repeats 1
 """
 import argparse
 import datetime
@@ -91,6 +96,8 @@ def main(argv: List[str] = None) -> None:
     parser.add_argument('--models', nargs='+', default=['overlock_xt', 'overlock_t'])
     parser.add_argument('--sizes', nargs='+', type=int, default=[224, 512, 1024])
     parser.add_argument('--train-max-size', type=int, default=512)
+    parser.add_argument('--forms', nargs='+', choices=('train', 'reparam'), default=['train', 'reparam'],
+                        help="'reparam' needs a model with reparam() (OverLoCK)")
     parser.add_argument('--repeats', type=int, default=3)
     parser.add_argument('--threads', type=int, default=2)
     parser.add_argument('--clock', choices=sorted(CLOCKS), default='wall')
@@ -111,7 +118,7 @@ def main(argv: List[str] = None) -> None:
             base = _run_child(args, BASELINE, 'train', size, mode)
             rows.append(dict(model=BASELINE, form='-', size=size, mode=mode, **base))
             for name in args.models:
-                for form in ('train', 'reparam'):
+                for form in args.forms:
                     if mode == 'train_step' and form == 'reparam':
                         continue  # the deploy form is for inference
                     res = _run_child(args, name, form, size, mode)
@@ -122,7 +129,7 @@ def main(argv: List[str] = None) -> None:
                     rows.append(row)
                     print(_format(row), flush=True)
 
-    print(f'\n{"model":<14}{"form":<9}{"size":>6} {"mode":<11}{"img/s":>9}{"peak MiB":>10}'
+    print(f'\n{"model":<24}{"form":<9}{"size":>6} {"mode":<11}{"img/s":>9}{"peak MiB":>10}'
           f'{"time x cnx_t":>14}{"mem x cnx_t":>13}')
     for row in rows:
         print(_format(row))
@@ -136,10 +143,10 @@ def main(argv: List[str] = None) -> None:
 
 def _format(row: Dict) -> str:
     if 'error' in row:
-        return f'{row["model"]:<14}{row["form"]:<9}{row["size"]:>6} {row["mode"]:<11} error: {row["error"]}'
+        return f'{row["model"]:<24}{row["form"]:<9}{row["size"]:>6} {row["mode"]:<11} error: {row["error"]}'
     ratio = f'{row["time_ratio"]:.2f}' if 'time_ratio' in row else '1'
     mem = f'{row["mem_ratio"]:.2f}' if row.get('mem_ratio') is not None else ('1' if row['form'] == '-' else '-')
-    return (f'{row["model"]:<14}{row["form"]:<9}{row["size"]:>6} {row["mode"]:<11}{1 / row["seconds"]:>9.2f}'
+    return (f'{row["model"]:<24}{row["form"]:<9}{row["size"]:>6} {row["mode"]:<11}{1 / row["seconds"]:>9.2f}'
             f'{row["peak_mib"]:>10.0f}{ratio:>14}{mem:>13}')
 
 

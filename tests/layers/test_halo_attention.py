@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 
 import zoo  # noqa: F401  (registers the models)
 from conftest import fixtures_path, fixtures_root
-from zoo.layers import HaloAttention, halo_attention_2d
+from zoo.layers import HaloAttention, halo_attention_2d, halo_attn
 
 HALO_CASES = sorted(fixtures_path().glob('halo/halo_*.json'))
 
@@ -75,7 +75,12 @@ def brute_force_halo(query, key, value, block_size, halo_size, height_rel, width
     (1, 2, 8, 8, 2, 4, 2, 4, 6, True),
     (1, 1, 6, 9, 1, 3, 2, 4, 4, False),
 ], ids=['b4h1', 'b4h2-s2-scalepos', 'b3h2-odd'])
-def test_reference_matches_brute_force(border, shape):
+@pytest.mark.parametrize('banded', [False, True], ids=['one-band', 'row-bands'])
+def test_reference_matches_brute_force(monkeypatch, border, shape, banded):
+    """The reference, in one band and in bands of one block row (every case has two or three), against the
+    definition."""
+    if banded:
+        monkeypatch.setattr(halo_attn, 'BAND_LOGITS', 1)
     batch, heads, height, width, stride, block, halo, qk_dim, v_dim, scale_pos_embed = shape
     win = block + 2 * halo
     gen = torch.Generator().manual_seed(0)

@@ -28,6 +28,10 @@ from tiny_configs import tiny_kwargs
 CASES = {
     'nat': ('nat_mini', {}, 64),
     'dinat': ('dinat_tiny', {}, 64),
+    # the other neighbourhood-attention layouts: Swin-style DiNAT_s, the isotropic NAT and ViT with rpb
+    'dinat_s': ('dinat_s_tiny', {}, 64),
+    'nat_isotropic': ('dinat_isotropic_small', {}, 64),
+    'vitrpb': ('vitrpb_small', {}, 224),
     'halonet': ('halonet_paper_h0', {}, 64),
     'overlock': ('overlock_xt', dict(kernel_size=(5, 5, 5, 5), smk_size=3), 64),
     'transnext': ('transnext_micro', {}, 64),

@@ -10,6 +10,7 @@ from safetensors.torch import load_file
 
 import zoo  # noqa: F401  (registers the models)
 from conftest import fixtures_path, fixtures_root
+from zoo.layers import aggregated_attn
 from zoo.layers.aggregated_attn import relative_coords_cpb, window_av, window_length_scale, window_qk
 from zoo.models.transnext import checkpoint_filter_fn
 
@@ -154,3 +155,33 @@ def test_cpb_coordinates_match_pairwise_definition(query, key, pretrain):
     delta = torch.stack([dh, dw], -1)
     expected = torch.sign(delta) * torch.log2(delta.abs() + 1) / torch.log2(torch.tensor(8.))
     torch.testing.assert_close(table[index], expected)
+
+
+@pytest.mark.parametrize('attention', ['aggregated', 'full'])
+def test_query_bands_give_the_one_band_result(monkeypatch, attention):
+    """With a band budget of one map row per band and the CPB's MLP in chunks of 5 offsets, both attentions (outputs
+    and every gradient) equal their one-band run: the bands cover every query once, the bias rows follow them, and
+    the MLP chunks cover every offset once."""
+    torch.manual_seed(0)
+    if attention == 'aggregated':
+        module = aggregated_attn.AggregatedAttention(16, 2, (8, 8), sr_ratio=2)
+    else:
+        module = aggregated_attn.ScaledCosineAttention(16, 2, (8, 8))
+    module.double()  # float64: the bands only change the order of the gradients' sums
+    x = torch.randn(2, 7, 9, 16, dtype=torch.float64, requires_grad=True)
+
+    def run():
+        module.zero_grad()
+        x.grad = None
+        out = module(x)
+        out.backward(torch.ones_like(out))
+        return [out, x.grad] + [p.grad for p in module.parameters()]
+
+    whole = run()
+    keys = 12 if attention == 'aggregated' else 63  # pooled 3 x 4 grid, or every token
+    monkeypatch.setattr(aggregated_attn, 'QUERY_BAND_LOGITS', 2 * 2 * 9 * keys * 2 - 1)  # one row per band
+    monkeypatch.setattr(aggregated_attn, 'CPB_ROWS', 5)
+    assert len(list(aggregated_attn._row_bands(2, 2, 7, 9, keys))) == 7
+    banded = run()
+    for got, expected in zip(banded, whole):
+        torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)

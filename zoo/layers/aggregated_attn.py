@@ -46,7 +46,7 @@ from .window_geometry import Length, capturing_graph, check_kernel_size, window_
 
 __all__ = [
     'window_qk', 'window_av', 'window_valid_mask', 'window_length_scale', 'relative_coords_cpb',
-    'continuous_position_bias', 'AggregatedAttention', 'ScaledCosineAttention', 'WINDOW_BACKENDS', 'MOH_BACKENDS',
+    'continuous_position_bias', 'position_bias', 'PositionBias', 'QUERY_BAND_LOGITS', 'CPB_ROWS', 'AggregatedAttention', 'ScaledCosineAttention', 'WINDOW_BACKENDS', 'MOH_BACKENDS',
 ]
 
 # backend= values of window_qk and window_av.
@@ -214,6 +214,74 @@ def _scaled_offsets(twice: torch.Tensor, pretrain_len: int) -> torch.Tensor:
     return twice.to(torch.float32) / 2 / (pretrain_len - 1) * 8
 
 
+# Logits (B x heads x queries x keys) per band of query rows in the pooled and full attentions: about 16 MiB in
+# float32, so at 1024 x 1024 neither the (B, h, N, P) logits nor the (h, N, P) bias of a stage exists at once
+# (benchmarks/RESULTS.md, "Peak memory at 1024 x 1024"). At 224 x 224 every stage fits in one band up to batch 8.
+QUERY_BAND_LOGITS = 1 << 22
+# Offsets per chunk of the CPB's MLP (16 MiB of float32 hidden activations); a 224 x 224 input needs one chunk.
+CPB_ROWS = 1 << 13
+
+
+def _row_bands(batch: int, heads: int, height: Length, width: Length, keys: Length) -> Iterator[Tuple[slice, slice]]:
+    """(map rows, query tokens) of bands of whole map rows whose logits hold about QUERY_BAND_LOGITS elements; one
+    band (the whole map) while a graph is captured or when everything fits."""
+    rows = QUERY_BAND_LOGITS // max(1, batch * heads * width * keys)
+    if capturing_graph() or rows >= height:
+        yield slice(None), slice(None)
+        return
+    rows = max(1, rows)
+    for start in range(0, height, rows):
+        stop = min(start + rows, height)
+        yield slice(start, stop), slice(start * width, stop * width)
+
+
+def _cat_bands(bands: list, dim: int) -> torch.Tensor:
+    """The per-band (or per-chunk) pieces joined along dim (no copy for a single one)."""
+    return bands[0] if len(bands) == 1 else torch.cat(bands, dim)
+
+
+class PositionBias(NamedTuple):
+    """A continuous position bias evaluated once per distinct offset, gathered for any band of query rows.
+
+    per_offset (heads, U): the MLP at every table row; rows (Hq, Hk) and cols (Wq, Wk): per-axis indices, pair
+    (query (i, j), key (a, b)) reading table row rows[i, a] * distinct_cols + cols[j, b]. Gathering a band of query
+    rows at a time keeps the (heads, N, P) bias of a large map from ever existing at once.
+    """
+    per_offset: torch.Tensor
+    rows: torch.Tensor
+    cols: torch.Tensor
+    distinct_cols: Length
+
+    def index(self, band: slice) -> torch.Tensor:
+        """(rows in band * Wq, Hk * Wk) int64 table index of the band's queries against every key."""
+        return _pair_index(self.rows[band], self.cols, self.distinct_cols)
+
+    def gather(self, band: slice = slice(None), heads: slice = slice(None)) -> torch.Tensor:
+        """(h', rows in band * Wq, Hk * Wk) bias of `heads` for the band's queries."""
+        return self.per_offset[heads][:, self.index(band)]
+
+
+def _pair_index(rows: torch.Tensor, cols: torch.Tensor, distinct_cols: Length) -> torch.Tensor:
+    """Per-axis CPB indices (hq, Hk) and (Wq, Wk) -> (hq*Wq, Hk*Wk) index of every (query, key) pair into the table,
+    whose minor axis holds the distinct_cols column offsets."""
+    index = rows[:, None, :, None] * distinct_cols + cols[None, :, None, :]
+    return index.reshape(rows.shape[0] * cols.shape[0], rows.shape[1] * cols.shape[1])
+
+
+def _cpb_axes(query_size: Tuple[Length, Length], key_size: Tuple[Length, Length], pretrain_size: Tuple[int, int],
+              device: torch.device) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, Length]:
+    """The CPB's coordinate table (U, 2), its per-axis gather indices (Hq, Hk) and (Wq, Wk) and the number of distinct
+    column offsets, the table's minor axis (`PositionBias`)."""
+    if min(pretrain_size) < 2:
+        raise ValueError(f'the CPB needs a pretrain stage size of at least 2, got {tuple(pretrain_size)}')
+    (row_twice, row_index), (col_twice, col_index) = (_axis_offsets(query, key, device)
+                                                      for query, key in zip(query_size, key_size))
+    rows, cols = _scaled_offsets(row_twice, pretrain_size[0]), _scaled_offsets(col_twice, pretrain_size[1])
+    table = torch.stack(torch.meshgrid(rows, cols, indexing='ij'), dim=-1).reshape(-1, 2)
+    table = torch.sign(table) * torch.log2(table.abs() + 1.0) / math.log2(8)
+    return table, row_index, col_index, cols.shape[0]
+
+
 def relative_coords_cpb(query_size: Tuple[Length, Length], key_size: Tuple[Length, Length],
                         pretrain_size: Tuple[int, int], device: torch.device = torch.device('cpu')
                         ) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -228,23 +296,26 @@ def relative_coords_cpb(query_size: Tuple[Length, Length], key_size: Tuple[Lengt
         distinct pair once; captured graphs may list a superset (`_axis_offsets_in_graph`), with the same value at
         every index.
     """
-    if min(pretrain_size) < 2:
-        raise ValueError(f'the CPB needs a pretrain stage size of at least 2, got {tuple(pretrain_size)}')
-    (row_twice, row_index), (col_twice, col_index) = (_axis_offsets(query, key, device)
-                                                      for query, key in zip(query_size, key_size))
-    rows, cols = _scaled_offsets(row_twice, pretrain_size[0]), _scaled_offsets(col_twice, pretrain_size[1])
-    table = torch.stack(torch.meshgrid(rows, cols, indexing='ij'), dim=-1).reshape(-1, 2)
-    table = torch.sign(table) * torch.log2(table.abs() + 1.0) / math.log2(8)
-    index = row_index[:, None, :, None] * cols.shape[0] + col_index[None, :, None, :]
-    return table, index.reshape(query_size[0] * query_size[1], key_size[0] * key_size[1])
+    table, rows, cols, distinct_cols = _cpb_axes(query_size, key_size, pretrain_size, device)
+    return table, _pair_index(rows, cols, distinct_cols)
+
+
+def position_bias(fc1: nn.Linear, fc2: nn.Linear, query_size: Tuple[int, int], key_size: Tuple[int, int],
+                  pretrain_size: Tuple[int, int]) -> PositionBias:
+    """The CPB between a (Hq, Wq) map and a (Hk, Wk) key grid: fc2(relu(fc1(coords))) once per distinct offset."""
+    table, rows, cols, distinct_cols = _cpb_axes(query_size, key_size, pretrain_size, fc1.weight.device)
+    table = table.to(fc1.weight.dtype)
+    # The MLP's hidden layer is 512 wide: on a 256 x 256 map against a 32 x 32 grid (1024 x 1024 input) the table
+    # has 262,144 rows, whose hidden activations alone would take 512 MiB, so it runs on chunks of rows.
+    step = len(table) if capturing_graph() else CPB_ROWS
+    per_offset = [fc2(F.relu(fc1(table[start:start + step]))) for start in range(0, len(table), step)]
+    return PositionBias(_cat_bands(per_offset, 0).t(), rows, cols, distinct_cols)
 
 
 def continuous_position_bias(fc1: nn.Linear, fc2: nn.Linear, query_size: Tuple[int, int],
                              key_size: Tuple[int, int], pretrain_size: Tuple[int, int]) -> torch.Tensor:
     """(heads, Hq*Wq, Hk*Wk) bias: fc2(relu(fc1(coords))) evaluated once per distinct offset, then gathered."""
-    table, index = relative_coords_cpb(query_size, key_size, pretrain_size, fc1.weight.device)
-    per_offset = fc2(F.relu(fc1(table.to(fc1.weight.dtype))))
-    return per_offset.t()[:, index]
+    return position_bias(fc1, fc2, query_size, key_size, pretrain_size).gather()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -383,7 +454,7 @@ class _AggregatedParts(NamedTuple):
     k_pool: torch.Tensor        # (B, h, P, d) L2-normalised pooled keys
     v_pool: torch.Tensor        # (B, h, P, d)
     length_scale: torch.Tensor  # (N, 1) ln(n_i + P)
-    pool_bias: torch.Tensor     # (h, N, P) CPB of the pooled keys
+    pool_bias: PositionBias     # CPB of the queries against the pooled keys, gathered per band: (h, N, P)
 
 
 class AggregatedAttention(_CosineAttentionBase):
@@ -464,28 +535,32 @@ class AggregatedAttention(_CosineAttentionBase):
         k_pool = F.normalize(k_pool.reshape(batch, pool_len, heads, -1).transpose(1, 2), dim=-1)
         v_pool = v_pool.reshape(batch, pool_len, heads, -1).transpose(1, 2)
         length_scale = window_length_scale(height, width, self.window_size, pool_len, x.device).to(x.dtype)
-        pool_bias = continuous_position_bias(self.cpb_fc1, self.cpb_fc2, (height, width), pool_size,
-                                             self.pretrain_size)
+        pool_bias = position_bias(self.cpb_fc1, self.cpb_fc2, (height, width), pool_size, self.pretrain_size)
         return _AggregatedParts(q_norm, k_local, v_local, k_pool, v_pool, length_scale, pool_bias)
 
     def _attend(self, parts: _AggregatedParts, heads: slice) -> torch.Tensor:
-        """Outputs (B, h', N, d) of the heads in `heads` for every query (the reference, window operators)."""
+        """Outputs (B, h', N, d) of the heads in `heads` for every query (the reference, window operators), the
+        pooled part band by band of query rows (`_row_bands`)."""
         height, width = parts.k_local.shape[2:4]
         slots = self.window_size * self.window_size
         k_local, v_local = parts.k_local[:, heads], parts.v_local[:, heads]
+        k_pool, v_pool = parts.k_pool[:, heads], parts.v_pool[:, heads]
         q_scaled = self._scaled_query(parts.q_norm[:, heads], parts.length_scale, heads)   # (B, h', N, d)
         # Under autocast the window ops run in the activations' dtype, as autocast runs the matmuls.
         logits_local = window_qk(q_scaled.unflatten(2, (height, width)).to(k_local.dtype), k_local,
                                  self.relative_pos_bias_local[heads], self.window_size, self.backend).flatten(2, 3)
-        logits_pool = q_scaled @ parts.k_pool[:, heads].transpose(-2, -1) + parts.pool_bias[heads].to(q_scaled.dtype)
-        attn = torch.cat([logits_local.to(logits_pool.dtype), logits_pool], dim=-1).softmax(dim=-1)
-        attn = self.attn_drop(attn)
-        attn_local, attn_pool = attn.split([slots, attn.shape[-1] - slots], dim=-1)
         # Learnable tokens: added after the softmax, un-normalised, driven by the plain normalised query.
         token_weights = parts.q_norm[:, heads] @ self.learnable_tokens[heads] + self.learnable_bias[heads]
-        attn_local = (attn_local + token_weights).unflatten(2, (height, width)).to(v_local.dtype)
-        return window_av(attn_local, v_local, self.window_size, self.backend).flatten(2, 3) \
-            + attn_pool @ parts.v_pool[:, heads]
+        local, pooled = [], []
+        for rows, tokens in _row_bands(*k_pool.shape[:2], height, width, k_pool.shape[2]):
+            q_band = q_scaled[:, :, tokens]
+            logits_pool = q_band @ k_pool.transpose(-2, -1) + parts.pool_bias.gather(rows, heads).to(q_band.dtype)
+            attn = torch.cat([logits_local[:, :, tokens].to(logits_pool.dtype), logits_pool], dim=-1).softmax(dim=-1)
+            attn_local, attn_pool = self.attn_drop(attn).split([slots, attn.shape[-1] - slots], dim=-1)
+            local.append(attn_local + token_weights[:, :, tokens])
+            pooled.append(attn_pool @ v_pool)
+        attn_local = _cat_bands(local, 2).unflatten(2, (height, width)).to(v_local.dtype)
+        return window_av(attn_local, v_local, self.window_size, self.backend).flatten(2, 3) + _cat_bands(pooled, 2)
 
     def _attend_routed(self, parts: _AggregatedParts, heads: slice, index: torch.Tensor) -> torch.Tensor:
         """Outputs (B, h', M, d) of the heads in `heads` for the queries index (B, h', M) only: the window keys and
@@ -500,7 +575,7 @@ class AggregatedAttention(_CosineAttentionBase):
         logits_local = (q_scaled.unsqueeze(-2) * k_window).sum(-1) + self.relative_pos_bias_local[heads, None, :]
         logits_local = logits_local.masked_fill(~in_map[index], float('-inf'))
         logits_pool = q_scaled @ parts.k_pool[:, heads].transpose(-2, -1) \
-            + _gather_rows(parts.pool_bias[heads], index).to(q_scaled.dtype)
+            + _gather_rows(parts.pool_bias.gather(heads=heads), index).to(q_scaled.dtype)
         attn = self.attn_drop(torch.cat([logits_local, logits_pool], dim=-1).softmax(dim=-1))
         attn_local, attn_pool = attn.split([slots, attn.shape[-1] - slots], dim=-1)
         attn_local = attn_local + q_norm @ self.learnable_tokens[heads] + self.learnable_bias[heads]
@@ -535,7 +610,7 @@ class _FullParts(NamedTuple):
     q_norm: torch.Tensor   # (B, h, N, d) L2-normalised queries
     k_norm: torch.Tensor   # (B, h, N, d) L2-normalised keys
     v: torch.Tensor        # (B, h, N, d)
-    bias: torch.Tensor     # (h, N, N) CPB
+    bias: PositionBias     # CPB of every (query, key) pair, gathered per band: (h, N, N)
 
 
 class ScaledCosineAttention(_CosineAttentionBase):
@@ -569,9 +644,8 @@ class ScaledCosineAttention(_CosineAttentionBase):
         num_tokens = height * width
         qkv = self.qkv(x).reshape(batch, num_tokens, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)
-        bias = continuous_position_bias(self.cpb_fc1, self.cpb_fc2, (height, width), (height, width),
-                                        self.pretrain_size)
-        return _FullParts(F.normalize(q, dim=-1), F.normalize(k, dim=-1), v, bias.to(q.dtype))
+        bias = position_bias(self.cpb_fc1, self.cpb_fc2, (height, width), (height, width), self.pretrain_size)
+        return _FullParts(F.normalize(q, dim=-1), F.normalize(k, dim=-1), v, bias)
 
     def _attention(self, parts: _FullParts, q_norm: torch.Tensor, bias: torch.Tensor, heads: slice) -> torch.Tensor:
         """softmax(scaled q . k + bias) . v for queries q_norm (B, h', M, d) of `heads` with bias (B or 1, h', M, N)."""
@@ -580,13 +654,18 @@ class ScaledCosineAttention(_CosineAttentionBase):
         return self.attn_drop(attn) @ parts.v[:, heads]
 
     def _attend(self, parts: _FullParts, heads: slice) -> torch.Tensor:
-        """Outputs (B, h', N, d) of the heads in `heads` for every query."""
-        return self._attention(parts, parts.q_norm[:, heads], parts.bias[heads], heads)
+        """Outputs (B, h', N, d) of the heads in `heads` for every query, band by band of query rows."""
+        batch, count, tokens = parts.k_norm[:, heads].shape[:3]
+        height = parts.bias.rows.shape[0]
+        return _cat_bands([self._attention(parts, parts.q_norm[:, heads, band],
+                                           parts.bias.gather(rows, heads).to(parts.q_norm.dtype), heads)
+                           for rows, band in _row_bands(batch, count, height, tokens // height, tokens)], 2)
 
     def _attend_routed(self, parts: _FullParts, heads: slice, index: torch.Tensor) -> torch.Tensor:
         """Outputs (B, h', M, d) of the heads in `heads` for the queries index (B, h', M) only."""
         q_norm = _gather_tokens(parts.q_norm[:, heads], index)
-        return self._attention(parts, q_norm, _gather_rows(parts.bias[heads], index), heads)
+        return self._attention(parts, q_norm, _gather_rows(parts.bias.gather(heads=heads), index).to(q_norm.dtype),
+                               heads)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B, H, W, C) -> (B, H, W, C)."""

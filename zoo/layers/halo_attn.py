@@ -31,9 +31,10 @@ import torch.nn.functional as F
 from timm.layers import make_divisible, trunc_normal_
 
 from .kernels import dispatch
+from .window_geometry import capturing_graph
 
 __all__ = ['HaloAttention', 'RelPosEmbed2d', 'halo_attention_2d', 'halo_relative_logits', 'check_halo_shapes',
-           'BORDERS', 'HALO_BACKENDS']
+           'BORDERS', 'HALO_BACKENDS', 'BAND_LOGITS']
 
 BORDERS = ('zeros', 'mask')
 # backend= values of halo_attention_2d.
@@ -93,12 +94,41 @@ def _unblocks(x: torch.Tensor, block: int, height: int, width: int) -> torch.Ten
 
 
 def _windows(x: torch.Tensor, block_size: int, halo_size: int) -> torch.Tensor:
-    """Zero-padded halo windows: (B, heads, H, W, d) -> (B, heads, n_blocks, win*win, d), win = b + 2h."""
+    """Zero-padded halo windows as a view: (B, heads, H, W, d) -> (B, heads, H/b, W/b, d, win, win), win = b + 2h
+    (`_window_rows` copies the windows of a band of block rows out of it)."""
     win = block_size + 2 * halo_size
     x = F.pad(x, (0, 0, halo_size, halo_size, halo_size, halo_size))
-    x = x.unfold(2, win, block_size).unfold(3, win, block_size)  # (B, heads, nh, nw, d, win, win)
-    batch, heads, n_h, n_w, dim = x.shape[:5]
-    return x.permute(0, 1, 2, 3, 5, 6, 4).reshape(batch, heads, n_h * n_w, win * win, dim)
+    return x.unfold(2, win, block_size).unfold(3, win, block_size)
+
+
+def _window_rows(windows: torch.Tensor, band: slice) -> torch.Tensor:
+    """The windows of the block rows in band: (B, heads, nh, nw, d, win, win) view -> (B, heads, rows * nw, win*win,
+    d), blocks row-major."""
+    windows = windows[:, :, band]
+    batch, heads, n_h, n_w, dim, win = windows.shape[:6]
+    return windows.permute(0, 1, 2, 3, 5, 6, 4).reshape(batch, heads, n_h * n_w, win * win, dim)
+
+
+# Logits per band of block rows of the reference (about 16 MiB in float32): at 1024 x 1024 the logits and the
+# relative terms of a whole HaloNet stage never exist at once (benchmarks/RESULTS.md, "Peak memory at 1024 x 1024");
+# at 224 x 224 and batch 8 every stage is one band.
+BAND_LOGITS = 1 << 22
+
+
+def _block_row_bands(query_blocks: torch.Tensor, block_rows: int, win: int):
+    """Bands of whole block rows whose logits (B, heads, blocks, bq*bq, win*win) hold about BAND_LOGITS elements, as
+    (block rows, blocks) slices; one band while a graph is captured or when everything fits."""
+    batch, heads, blocks, queries = query_blocks.shape[:4]
+    per_row = batch * heads * (blocks // block_rows) * queries * win * win
+    rows = BAND_LOGITS // max(1, per_row)
+    if capturing_graph() or rows >= block_rows:
+        yield slice(None), slice(None)
+        return
+    rows = max(1, rows)
+    per_band = blocks // block_rows
+    for start in range(0, block_rows, rows):
+        stop = min(start + rows, block_rows)
+        yield slice(start, stop), slice(start * per_band, stop * per_band)
 
 
 def _window_valid(length: int, block_size: int, halo_size: int, device) -> torch.Tensor:
@@ -149,17 +179,22 @@ def _border_mask(height: int, width: int, block_size: int, halo_size: int, devic
 
 
 def _reference(query, key, value, block_size, halo_size, rel_h, rel_w, scale, border):
-    """softmax over each block's window, plain PyTorch; rel_h / rel_w already scaled as the logits need."""
+    """softmax over each block's window, plain PyTorch, band by band of block rows; rel_h / rel_w already scaled as
+    the logits need."""
     height, width = key.shape[2:4]
     stride = height // query.shape[2]
-    q = _blocks(query, block_size // stride)
-    logits = (q * scale) @ _windows(key, block_size, halo_size).transpose(-1, -2)
-    rel = rel_h[..., :, None] + rel_w[..., None, :]  # (B, heads, n_blocks, bq*bq, win, win)
-    logits = logits + rel.flatten(-2)
-    if border == 'mask':
-        valid = _border_mask(height, width, block_size, halo_size, query.device)
-        logits = logits.masked_fill(~valid, float('-inf'))
-    out = logits.softmax(dim=-1) @ _windows(value, block_size, halo_size)
+    q = _blocks(query, block_size // stride) * scale
+    keys, values = _windows(key, block_size, halo_size), _windows(value, block_size, halo_size)
+    valid = _border_mask(height, width, block_size, halo_size, query.device) if border == 'mask' else None
+    bands = []
+    for rows, blocks in _block_row_bands(q, height // block_size, block_size + 2 * halo_size):
+        logits = q[:, :, blocks] @ _window_rows(keys, rows).transpose(-1, -2)
+        rel = rel_h[:, :, blocks, :, :, None] + rel_w[:, :, blocks, :, None, :]  # (B, heads, n, bq*bq, win, win)
+        logits = logits + rel.flatten(-2)
+        if valid is not None:
+            logits = logits.masked_fill(~valid[blocks], float('-inf'))
+        bands.append(logits.softmax(dim=-1) @ _window_rows(values, rows))
+    out = bands[0] if len(bands) == 1 else torch.cat(bands, 2)
     return _unblocks(out, block_size // stride, query.shape[2], query.shape[3])
 
 

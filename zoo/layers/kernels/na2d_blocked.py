@@ -39,15 +39,19 @@ import torch
 
 from ..window_geometry import capturing_graph, rpb_index
 
-__all__ = ['neighborhood_attention_2d', 'na2d_qk', 'na2d_av', 'TILE', 'CHUNK_LOGITS', 'axis_plan', 'AxisPlan']
+__all__ = ['neighborhood_attention_2d', 'na2d_qk', 'na2d_av', 'TILE', 'CHUNK_LOGITS', 'DEVICE_CHUNK_LOGITS', 'axis_plan',
+           'AxisPlan']
 
 
 # Query tile edge T. Measured on 2 CPU cores (benchmarks/RESULTS.md, "Blocked na2d"): T = 7-8 is fastest for k = 7
 # at 14-56 wide maps and for k = 17 at 56 x 56 (T = 4 and 14 are up to 2x slower on one shape or another).
 TILE = 8
-# Logits per chunk of the fused operator (4 MiB in float32): the size that kept a chunk's temporaries in a 2-core
-# CPU's caches in the sweep of benchmarks/RESULTS.md ("Blocked na2d"); 4x smaller or larger was up to 1.4x slower.
+# Logits per chunk of the fused operator on a CPU (4 MiB in float32): the size that kept a chunk's temporaries in a
+# 2-core CPU's caches in the sweep of benchmarks/RESULTS.md ("Blocked na2d"); 4x smaller or larger was up to 1.4x
+# slower. Other devices have no such cache to fit; their chunks only bound memory (64 MiB of float32 logits), a
+# size no GPU run has measured yet.
 CHUNK_LOGITS = 1 << 20
+DEVICE_CHUNK_LOGITS = 1 << 24
 
 
 @dataclass(frozen=True)
@@ -161,7 +165,7 @@ class _Map:
     (g_r * n_r + t_r) major, column tile minor."""
 
     def __init__(self, geometry: _Geometry, device: torch.device):
-        self.geometry = geometry
+        self.geometry, self.device = geometry, device
         self.rows = _axis(geometry.height, *geometry[2:], device)
         self.cols = _axis(geometry.width, *geometry[2:], device)
         self.row_plan = axis_plan(geometry.height, *geometry[2:])
@@ -217,19 +221,21 @@ class _Map:
         return _combine(self.rows.bias[band], self.cols.bias, lambda r, c: r * span + c)
 
     def bands(self, batch: int, heads: int) -> Iterator[Tuple[slice, slice]]:
-        """Chunks of about CHUNK_LOGITS logits as (batch slice, row-tile band): whole images while one fits, else
-        bands of tile rows of one image, band by band; a single chunk while a graph is captured."""
+        """Chunks of about CHUNK_LOGITS logits (DEVICE_CHUNK_LOGITS off the CPU) as (batch slice, row-tile band):
+        whole images while one fits, else bands of tile rows of one image, band by band; a single chunk while a
+        graph is captured."""
         rows = self.row_plan.blocks
         per_row = heads * self.col_plan.blocks * self.tile_queries * self.block_keys
-        if capturing_graph() or batch * rows * per_row <= CHUNK_LOGITS:
+        budget = CHUNK_LOGITS if self.device.type == 'cpu' else DEVICE_CHUNK_LOGITS
+        if capturing_graph() or batch * rows * per_row <= budget:
             yield slice(0, batch), slice(0, rows)
             return
-        if rows * per_row <= CHUNK_LOGITS:
-            images = CHUNK_LOGITS // (rows * per_row)
+        if rows * per_row <= budget:
+            images = budget // (rows * per_row)
             for start in range(0, batch, images):
                 yield slice(start, start + images), slice(0, rows)
             return
-        band = max(1, CHUNK_LOGITS // per_row)
+        band = max(1, budget // per_row)
         for start in range(0, rows, band):  # band-major: a band's tables serve every image
             for image in range(batch):
                 yield slice(image, image + 1), slice(start, start + band)
@@ -342,7 +348,8 @@ def _fused_backward(query, key, value, rpb, scale: float, plan: _Map, grad: torc
         grad_out = _gather(grad[images], query_index, count) * valid.view(count, -1, 1).to(grad.dtype)
         _scatter_add(grad_v[images], key_index, torch.matmul(probs.transpose(-1, -2), grad_out).to(accumulate))
         grad_probs = torch.matmul(grad_out, value_blocks.transpose(-1, -2))
-        grad_logits = probs * (grad_probs - (probs * grad_probs).sum(-1, keepdim=True))
+        # probs * (grad_probs - rowsum(probs * grad_probs)) in one fused pass
+        grad_logits = torch.ops.aten._softmax_backward_data(grad_probs, probs, -1, probs.dtype)
         first = band.start * plan.col_plan.blocks * plan.tile_queries
         grad_q[images, :, first:first + query_index.numel()] = (
             torch.matmul(grad_logits, key_blocks).flatten(2, 3) * scale)
