@@ -6,12 +6,12 @@ the baseline. A training step is forward, cross-entropy and backward.
 """
 import argparse
 import contextlib
-import time
 
 import timm
 import torch
 
 import zoo  # noqa: F401  (registers the zoo models)
+from interleaved import best_seconds
 from zoo.layers.kernels import reference_only
 
 
@@ -46,15 +46,7 @@ def main() -> None:
         arms[name] = (step_fn(model, x, args.mode), contextlib.nullcontext)
         if name != args.baseline:
             arms[f'{name} (reference)'] = (arms[name][0], reference_only)
-    best = dict.fromkeys(arms, float('inf'))
-    for repeat in range(args.repeats + 1):  # the first round warms up
-        for name, (step, context) in arms.items():
-            with context():
-                start = time.perf_counter()
-                step()
-                seconds = time.perf_counter() - start
-            if repeat:
-                best[name] = min(best[name], seconds)
+    best = best_seconds(arms, args.repeats)
     print(f'{args.mode}, batch {args.batch}, {args.img_size}px, torch {torch.__version__}, '
           f'{torch.get_num_threads()} threads, min of {args.repeats} interleaved repeats')
     for name, seconds in best.items():

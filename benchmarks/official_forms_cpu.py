@@ -13,11 +13,10 @@ on the same weights, so a model can be timed with its operator swapped and nothi
 Before timing, every stand-in model's output is compared with the zoo model's ('auto' backends, what users get).
 Eval forward (no_grad), min of the repeats, arms interleaved A B A B; ratio = stand-in time / zoo time.
 
-    python benchmarks/official_forms_cpu.py --models transnext_micro overlock_xt --batch 8
+    python benchmarks/official_forms_cpu.py --models transnext_micro overlock_xt --batch 8 [--reparam]
 """
 import argparse
 import contextlib
-import time
 from typing import Callable, Dict, Iterator
 
 import timm
@@ -27,6 +26,7 @@ import torch.nn.functional as F
 import zoo  # noqa: F401  (registers the zoo models)
 import zoo.layers.aggregated_attn as aggregated_attn
 import zoo.layers.contmix as contmix
+from interleaved import best_seconds
 
 
 def _unfold_windows(x: torch.Tensor, kernel_size: int) -> torch.Tensor:
@@ -95,29 +95,26 @@ def main() -> None:
     parser.add_argument('--batch', type=int, default=8)
     parser.add_argument('--img-size', type=int, default=224)
     parser.add_argument('--repeats', type=int, default=3)
+    parser.add_argument('--reparam', action='store_true',
+                        help='fold the models that have a deploy form (OverLoCK) first, in both arms')
     args = parser.parse_args()
     torch.manual_seed(0)
     x = torch.randn(args.batch, 3, args.img_size, args.img_size)
     arms: Dict[str, tuple] = {}
     for name in args.models:
-        run = _forward(timm.create_model(name).eval(), x)
+        model = timm.create_model(name).eval()
+        if args.reparam and hasattr(model, 'reparam'):
+            model.reparam()
+        run = _forward(model, x)
         zoo_out = run()
         with official_forms():
             official_out = run()
         torch.testing.assert_close(official_out, zoo_out, rtol=1e-4, atol=1e-4)
         arms[name] = (run, contextlib.nullcontext)
         arms[f'{name} (official form)'] = (run, official_forms)
-    best = dict.fromkeys(arms, float('inf'))
-    for repeat in range(args.repeats + 1):  # the first round warms up
-        for name, (run, context) in arms.items():
-            with context():
-                start = time.perf_counter()
-                run()
-                seconds = time.perf_counter() - start
-            if repeat:
-                best[name] = min(best[name], seconds)
+    best = best_seconds(arms, args.repeats)
     print(f'eval, batch {args.batch}, {args.img_size}px, torch {torch.__version__}, {torch.get_num_threads()} threads, '
-          f'min of {args.repeats} interleaved repeats')
+          f'min of {args.repeats} interleaved repeats{", deploy forms" if args.reparam else ""}')
     for name in args.models:
         ours, theirs = best[name], best[f'{name} (official form)']
         print(f'{name:<18} zoo {args.batch / ours:7.2f} img/s   official form {args.batch / theirs:7.2f} img/s   '

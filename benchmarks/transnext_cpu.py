@@ -5,6 +5,8 @@
                 zero-padded map, autograd saves views;
    * unfold     the official attention_native.py route, written here: F.unfold of keys and values
                 (k*k copies of each), masked_fill(-inf) of the padded slots, two batched products;
+   * blocked    the blocked neighbourhood-attention halves (zoo.layers.kernels.na2d_blocked) on the map
+                zero-padded by one pixel, where every window is centred (`blocked_window`);
    * triton     (CUDA only) zoo.layers.kernels.aggregated_triton, in fp32 / fp16 / bf16.
    Outputs and gradients are compared with the reference before anything is timed.
 2. Whole models on CPU, eval forward: transnext_micro / transnext_tiny (reference path, which `auto` picks on
@@ -51,6 +53,21 @@ def unfold_window(query, key, value, attn_fn):
     return (weights.unsqueeze(-2) @ unfold(value)).squeeze(-2).view(batch, heads, height, width, dim)
 
 
+def blocked_window(query, key, value, attn_fn):
+    """The window part through the blocked neighbourhood-attention halves (zoo.layers.kernels.na2d_blocked): on a
+    map zero-padded by one pixel every in-map query's 3 x 3 window is centred (never shifted), so na2d_qk / na2d_av
+    of the padded maps, cropped, with -inf on the padding slots, are the zero-padded window operators."""
+    from zoo.layers.aggregated_attn import window_valid_mask
+    from zoo.layers.kernels import na2d_blocked
+
+    def pad(x):
+        return F.pad(x, (0, 0, 1, 1, 1, 1))
+    height, width = query.shape[2:4]
+    logits = na2d_blocked.na2d_qk(pad(query), pad(key), 3, 1, None)[:, :, 1:-1, 1:-1]
+    weights = attn_fn(logits.masked_fill(~window_valid_mask(height, width, 3, query.device), float('-inf')))
+    return na2d_blocked.na2d_av(pad(weights), pad(value), 3, 1)[:, :, 1:-1, 1:-1]
+
+
 def reference_window(query, key, value, attn_fn, backend='torch'):
     from zoo.layers.aggregated_attn import window_av, window_qk
     logits = window_qk(query, key, None, 3, backend=backend)
@@ -90,7 +107,8 @@ def bench_ops(batch: int, iters: int, device: str, dtypes: List[torch.dtype]) ->
         for dtype in dtypes:
             inputs = [torch.randn(batch, heads, height, width, dim, device=device, dtype=dtype, requires_grad=True)
                       for _ in range(3)]
-            impls = {'reference': lambda *t: reference_window(*t, softmax)}
+            impls = {'reference': lambda *t: reference_window(*t, softmax),
+                     'blocked': lambda *t: blocked_window(*t, softmax)}
             if device == 'cpu':
                 impls['unfold'] = lambda *t: unfold_window(*t, softmax)
             else:

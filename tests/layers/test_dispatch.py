@@ -10,7 +10,7 @@ from zoo.layers import halo_attention_2d, na2d_av, na2d_qk, neighborhood_attenti
 from zoo.layers.kernels import dispatch
 from zoo.layers.kernels.dispatch import GPU_VERIFIED, OPERATORS, Call, gpu_kernels, reference_only, select
 
-SMALL = (2, 2, 16, 16, 8)  # 256 tokens: dense attention is the faster CPU path
+SMALL = (2, 2, 16, 16, 8)  # 256 tokens: dense attention is the faster CPU path in training
 LARGE = (2, 2, 40, 40, 8)  # 1600 tokens: past the measured crossover
 # operator -> the name its Triton kernel is recorded under in GPU_VERIFIED
 TRITON_KERNEL = {'na2d': 'na2d', 'na2d_qk': 'na2d', 'na2d_av': 'na2d', 'halo': 'halo',
@@ -23,8 +23,9 @@ def cuda(shape=SMALL, dtype=torch.float16, has_rpb=True) -> Call:
     return Call(torch.device('cuda'), dtype, shape, has_rpb)
 
 
-def cpu(shape=SMALL, dtype=torch.float32, has_rpb=True) -> Call:
-    return Call(torch.device('cpu'), dtype, shape, has_rpb)
+def cpu(shape=SMALL, dtype=torch.float32, has_rpb=True, needs_grad=True) -> Call:
+    """A CPU call, by default one of a training step (dense and blocked split small maps by eval / training)."""
+    return Call(torch.device('cpu'), dtype, shape, has_rpb, needs_grad)
 
 
 @pytest.fixture(autouse=True)
@@ -52,7 +53,9 @@ def test_table_covers_every_operator_with_the_reference_last():
 
 def test_fused_na2d_off_cuda_is_dense_for_small_maps_else_blocked_in_float32():
     assert select('na2d', cpu(SMALL)) == 'dense'
+    assert select('na2d', cpu(SMALL, needs_grad=False)) == 'blocked'  # eval: the blocked forward is faster
     assert select('na2d', cpu(SMALL, dtype=torch.bfloat16, has_rpb=False)) == 'dense'
+    assert select('na2d', cpu(SMALL, dtype=torch.bfloat16, needs_grad=False)) == 'dense'
     assert select('na2d', cpu(LARGE)) == 'blocked'
     assert select('na2d', cpu((4096, 4, 16, 16, 8))) == 'blocked'  # attention matrix too large for dense
     for unmeasured in (torch.float64, torch.bfloat16, torch.float16):

@@ -185,11 +185,14 @@ def test_auto_sends_to_blocked_only_where_it_equals_the_reference(dtype, height,
 
 
 def test_memory_stays_bounded_by_the_tiles():
-    """The tables and key blocks of a 56 x 56 map with k 7 are a small multiple of the input, never (HW)^2: the key
-    block holds (T + k - 1)^2 keys for T^2 queries."""
+    """The key blocks of a 56 x 56 map with k 7 are a small multiple of the input, never (HW)^2: T x T queries read
+    (T + k - 1)^2 keys; a dilation group short enough is one tile whose block is the group itself."""
+    assert na2d_blocked.default_tile(56, 1) == na2d_blocked.TILE
     plan = na2d_blocked.axis_plan(56, 7, 1, na2d_blocked.TILE)
-    assert (plan.tile, plan.tiles, plan.key_len) == (8, 7, 14)
-    dilated = na2d_blocked.axis_plan(56, 7, 8, na2d_blocked.TILE)
+    assert (plan.tile, plan.tiles, plan.key_len) == (na2d_blocked.TILE, -(-56 // na2d_blocked.TILE),
+                                                     na2d_blocked.TILE + 6)
+    assert na2d_blocked.default_tile(56, 8) == 7  # 56 / 8 = 7 positions per group
+    dilated = na2d_blocked.axis_plan(56, 7, 8, 7)
     assert (dilated.groups, dilated.tile, dilated.tiles, dilated.key_len) == (8, 7, 1, 7)
 
 

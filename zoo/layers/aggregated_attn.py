@@ -46,7 +46,8 @@ from .window_geometry import Length, capturing_graph, check_kernel_size, window_
 
 __all__ = [
     'window_qk', 'window_av', 'window_valid_mask', 'window_length_scale', 'relative_coords_cpb',
-    'continuous_position_bias', 'position_bias', 'PositionBias', 'QUERY_BAND_LOGITS', 'CPB_ROWS', 'AggregatedAttention', 'ScaledCosineAttention', 'WINDOW_BACKENDS', 'MOH_BACKENDS',
+    'continuous_position_bias', 'position_bias', 'PositionBias', 'QUERY_BAND_LOGITS', 'CPB_ROWS',
+    'AggregatedAttention', 'ScaledCosineAttention', 'WINDOW_BACKENDS', 'MOH_BACKENDS',
 ]
 
 # backend= values of window_qk and window_av.

@@ -12,10 +12,12 @@ a call at all (device, dtype, an operator feature it does not compute) and when 
   with its compiled library is installed and no verified Triton kernel can run the call (triton not installed, or
   'na2d' left out by `gpu_kernels`);
 * 'dense' (fused neighbourhood attention only): off CUDA, for maps small enough that one dense attention beats
-  the reference (zoo.layers.kernels.na2d_dense.fits, a measured crossover);
+  the reference (zoo.layers.kernels.na2d_dense.fits, a measured crossover), in a training step or where 'blocked'
+  does not run (in eval on CPU float32 the blocked forward is faster there);
 * 'blocked' (neighbourhood attention and its halves, zoo.layers.kernels.na2d_blocked: query tiles against their key
   block as batched matrix products): on CPU in float32, where it beat the reference on every measured shape
-  (benchmarks/RESULTS.md, "Blocked na2d"); it runs on any device, but CUDA and half precision await measurements;
+  (benchmarks/RESULTS.md, "Blocked na2d, chunked"); it runs on any device, but CUDA and half precision await
+  measurements;
 * 'torch': otherwise, and always inside `reference_only()`.
 
 Adding a backend (say a routed path of a MoH operator): implement it, add a `Backend(name, cannot_run, auto)` to
@@ -92,16 +94,18 @@ def gpu_kernels(names: Iterable[str]) -> Iterator[None]:
 
 @dataclass(frozen=True)
 class Call:
-    """What a rule sees of one operator call: the leading tensor's device, dtype and shape, and whether a relative
-    position bias takes part."""
+    """What a rule sees of one operator call: the leading tensor's device, dtype and shape, whether a relative
+    position bias takes part, and whether autograd will need the call's backward (a training step, not eval)."""
     device: torch.device
     dtype: torch.dtype
     shape: Tuple[int, ...]
     has_rpb: bool = False
+    needs_grad: bool = False
 
     @classmethod
     def of(cls, tensor: torch.Tensor, has_rpb: bool = False) -> 'Call':
-        return cls(tensor.device, tensor.dtype, tuple(tensor.shape), has_rpb)
+        return cls(tensor.device, tensor.dtype, tuple(tensor.shape), has_rpb,
+                   tensor.requires_grad and torch.is_grad_enabled())
 
 
 @dataclass(frozen=True)
@@ -171,12 +175,17 @@ def _natten_auto(call: Call) -> bool:
     return call.device.type == 'cuda' and call.dtype in KERNEL_DTYPES and natten_available()
 
 
-def _dense_auto(call: Call) -> bool:
-    return call.device.type != 'cuda' and dense_fits(call.shape)
-
-
 def _blocked_auto(call: Call) -> bool:
     return call.device.type == 'cpu' and call.dtype == torch.float32
+
+
+def _dense_auto(call: Call) -> bool:
+    """Small maps off CUDA, except where the blocked path takes the call without a backward: in eval the chunked
+    blocked forward beat dense at 14x14 and 7x7 (k 7), in a training step dense won at both (benchmarks/RESULTS.md,
+    "Blocked na2d, chunked")."""
+    if call.device.type == 'cuda' or not dense_fits(call.shape):
+        return False
+    return call.needs_grad or not _blocked_auto(call)
 
 
 _BLOCKED = Backend('blocked', _runs_anywhere, _blocked_auto)

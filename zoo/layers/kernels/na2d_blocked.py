@@ -21,12 +21,13 @@ Exactly the reference's semantics (zoo.layers.neighborhood, NATTEN <= 0.17), rea
   zoo.layers.window_geometry does.
 
 Tiles are gathered from the (B, heads, H*W, d) map with one index_select per tensor (of its rows, the fast form on a
-CPU), and scattered back with one more. The fused operator runs in chunks of about `CHUNK_LOGITS` logits (whole images while they fit,
-else rows of tiles): on a CPU a chunk's temporaries stay in cache instead of being fresh, page-faulted allocations
-four times the size of the map, which made the unchunked form three times slower (benchmarks/RESULTS.md, "Blocked
-na2d"). Its backward recomputes each chunk's probabilities (as flash attention does), so training saves only q, k,
-v and rpb, never the (B, heads, tiles, Tq, Kb) probabilities. The two halves, na2d_qk and na2d_av, produce or take
-the full (B, heads, H, W, k*k) weights anyway and run through autograd of a few large ops.
+CPU), and scattered back with one more. The fused operator runs in chunks of about `CHUNK_LOGITS` logits (whole
+images while they fit, else bands of tile rows): on a CPU a chunk's temporaries stay in cache instead of being
+fresh, page-faulted allocations four times the size of the map, which made the unchunked form about three times
+slower (benchmarks/RESULTS.md, "Blocked na2d, chunked"). Its backward recomputes each chunk's probabilities (as
+flash attention does), so training saves only q, k, v and rpb, never the (B, heads, tiles, Tq, Kb) probabilities.
+The two halves, na2d_qk and na2d_av, produce or take the full (B, heads, H, W, k*k) weights anyway and run through
+autograd of a few large ops.
 
 Padding for odd sizes costs at most T - 1 query rows and columns per dilation group.
 """
@@ -39,13 +40,17 @@ import torch
 
 from ..window_geometry import capturing_graph, rpb_index
 
-__all__ = ['neighborhood_attention_2d', 'na2d_qk', 'na2d_av', 'TILE', 'CHUNK_LOGITS', 'DEVICE_CHUNK_LOGITS', 'axis_plan',
-           'AxisPlan']
+__all__ = ['neighborhood_attention_2d', 'na2d_qk', 'na2d_av', 'TILE', 'ONE_TILE', 'CHUNK_LOGITS', 'DEVICE_CHUNK_LOGITS',
+           'default_tile', 'axis_plan', 'AxisPlan']
 
 
-# Query tile edge T. Measured on 2 CPU cores (benchmarks/RESULTS.md, "Blocked na2d"): T = 7-8 is fastest for k = 7
-# at 14-56 wide maps and for k = 17 at 56 x 56 (T = 4 and 14 are up to 2x slower on one shape or another).
-TILE = 8
+# Query tile edge T along an axis whose dilation groups are longer than ONE_TILE; a group of at most ONE_TILE
+# positions is one tile (its key block is the group itself, so no logit is wasted beyond the window's own).
+# Measured on 2 CPU cores (benchmarks/RESULTS.md, "Blocked na2d, chunked"): against T = 8, T = 4 took 0.84-0.88x
+# the time of the fused operator at 56 x 56 and 0.57-0.64x at 28 x 28 (k 7), and 0.71-0.93x of na2d_av at k 5, 13
+# and 17 (one case, 14 x 14 k 13 forward + backward, 1.27x); a single tile of 7 beat T = 4 by 1.5x on 7-long groups.
+TILE = 4
+ONE_TILE = 8
 # Logits per chunk of the fused operator on a CPU (4 MiB in float32): the size that kept a chunk's temporaries in a
 # 2-core CPU's caches in the sweep of benchmarks/RESULTS.md ("Blocked na2d"); 4x smaller or larger was up to 1.4x
 # slower. Other devices have no such cache to fit; their chunks only bound memory (64 MiB of float32 logits), a
@@ -74,6 +79,12 @@ class AxisPlan:
     def blocks(self) -> int:
         """Row (or column) tiles over all groups: d * n."""
         return self.groups * self.tiles
+
+
+def default_tile(length: int, dilation: int) -> int:
+    """The tile edge of an axis: its whole dilation group when the longest group fits in ONE_TILE, else TILE."""
+    longest = -(-length // dilation)
+    return longest if longest <= ONE_TILE else TILE
 
 
 def axis_plan(length: int, kernel_size: int, dilation: int, tile: int) -> AxisPlan:
@@ -152,12 +163,13 @@ def _combine(row: torch.Tensor, col: torch.Tensor, op) -> torch.Tensor:
 
 
 class _Geometry(NamedTuple):
-    """What the tiling of a call depends on: map (H, W), kernel k, dilation d, tile edge T."""
+    """What the tiling of a call depends on: map (H, W), kernel k, dilation d, tile edge T (None: `default_tile` of
+    each axis)."""
     height: int
     width: int
     kernel_size: int
     dilation: int
-    tile: int
+    tile: Optional[int]
 
 
 class _Map:
@@ -166,10 +178,12 @@ class _Map:
 
     def __init__(self, geometry: _Geometry, device: torch.device):
         self.geometry, self.device = geometry, device
-        self.rows = _axis(geometry.height, *geometry[2:], device)
-        self.cols = _axis(geometry.width, *geometry[2:], device)
-        self.row_plan = axis_plan(geometry.height, *geometry[2:])
-        self.col_plan = axis_plan(geometry.width, *geometry[2:])
+        height, width, kernel_size, dilation, tile = geometry
+        row_tile, col_tile = (tile or default_tile(length, dilation) for length in (height, width))
+        self.rows = _axis(height, kernel_size, dilation, row_tile, device)
+        self.cols = _axis(width, kernel_size, dilation, col_tile, device)
+        self.row_plan = axis_plan(height, kernel_size, dilation, row_tile)
+        self.col_plan = axis_plan(width, kernel_size, dilation, col_tile)
 
     @property
     def tile_queries(self) -> int:
@@ -212,7 +226,8 @@ class _Map:
         """Additive mask of the band's tile logits, (heads or 1, n, Tq, Kb): rpb inside each window, -inf outside."""
         outside = ~_combine(self.rows.inside[band], self.cols.inside, torch.logical_and)
         if rpb is None:
-            return torch.zeros(outside.shape, dtype=dtype, device=outside.device).masked_fill(outside, float('-inf'))[None]
+            zeros = torch.zeros(outside.shape, dtype=dtype, device=outside.device)
+            return zeros.masked_fill(outside, float('-inf'))[None]
         return rpb.flatten(1).to(dtype)[:, self.bias_index(band)].masked_fill(outside, float('-inf'))
 
     def bias_index(self, band: slice) -> torch.Tensor:
@@ -243,7 +258,7 @@ class _Map:
 
 def _geometry(x: torch.Tensor, kernel_size: int, dilation: int, tile: Optional[int]) -> _Geometry:
     """The tiling geometry of x's (B, heads, H, W, d) map."""
-    return _Geometry(x.shape[2], x.shape[3], kernel_size, dilation, TILE if tile is None else tile)
+    return _Geometry(x.shape[2], x.shape[3], kernel_size, dilation, tile)
 
 
 def _flat_rows(index: torch.Tensor, images: int, heads: int, length: int) -> torch.Tensor:
@@ -367,7 +382,7 @@ def neighborhood_attention_2d(query: torch.Tensor, key: torch.Tensor, value: tor
     """softmax(scale * q.k + rpb) @ v over each query's window, one masked attention per tile, chunk by chunk.
 
     query, key, value: (B, heads, H, W, d), already checked by the caller; rpb: (heads, 2k-1, 2k-1) or None;
-    tile: query tile edge T (default `TILE`). Returns (B, heads, H, W, d).
+    tile: query tile edge T (default: `default_tile` of each axis). Returns (B, heads, H, W, d).
     While a graph is captured the same ops run as one chunk under autograd (no custom backward in the graph).
     """
     geometry = _geometry(query, kernel_size, dilation, tile)
