@@ -1,6 +1,8 @@
 """Whole models on the CPU, interleaved in one process: each zoo model with `backend='auto'` (what users get) and
 with every operator on its reference (`reference_only()`), beside a timm baseline; min of the repeats, ratios to
-the baseline. A training step is forward, cross-entropy and backward.
+the baseline. A training step is forward, cross-entropy and backward. `--compile` adds each model (baseline
+included) under torch.compile (inductor, what `trainer.compile` and `zoo bench --compile` use); the warm-up round
+compiles.
 
     python benchmarks/models_cpu.py --models nat_mini dinat_mini --baseline convnext_tiny --batch 16 --mode train
 """
@@ -37,6 +39,7 @@ def main() -> None:
     parser.add_argument('--img-size', type=int, default=224)
     parser.add_argument('--mode', choices=('eval', 'train'), default='train')
     parser.add_argument('--repeats', type=int, default=3)
+    parser.add_argument('--compile', action='store_true', help='also time every model under torch.compile')
     args = parser.parse_args()
     torch.manual_seed(0)
     x = torch.randn(args.batch, 3, args.img_size, args.img_size)
@@ -46,6 +49,8 @@ def main() -> None:
         arms[name] = (step_fn(model, x, args.mode), contextlib.nullcontext)
         if name != args.baseline:
             arms[f'{name} (reference)'] = (arms[name][0], reference_only)
+        if args.compile:
+            arms[f'{name} (compiled)'] = (step_fn(torch.compile(model), x, args.mode), contextlib.nullcontext)
     best = best_seconds(arms, args.repeats)
     print(f'{args.mode}, batch {args.batch}, {args.img_size}px, torch {torch.__version__}, '
           f'{torch.get_num_threads()} threads, min of {args.repeats} interleaved repeats')
