@@ -80,6 +80,14 @@ def test_chunks_equal_reference_forward_and_backward(monkeypatch, chunk, height,
     _assert_all_close(got, expected, atol=1e-12)
 
 
+def test_chunk_budget_is_the_cpus_only_on_the_cpu(monkeypatch):
+    """CHUNK_LOGITS (a CPU cache size) splits a CPU call; other devices chunk by DEVICE_CHUNK_LOGITS only."""
+    monkeypatch.setattr(na2d_blocked, 'CHUNK_LOGITS', 200)
+    geometry = na2d_blocked._Geometry(21, 22, 7, 3, None)
+    assert len(list(na2d_blocked._Map(geometry, torch.device('cpu')).bands(3, 2))) > 1
+    assert len(list(na2d_blocked._Map(geometry, torch.device('meta')).bands(3, 2))) == 1
+
+
 @pytest.mark.parametrize('height,width,kernel_size,dilation', SHAPES)
 @pytest.mark.parametrize('tile', TILES)
 def test_halves_equal_reference_forward_and_backward(height, width, kernel_size, dilation, tile):

@@ -114,22 +114,6 @@ def test_convert_official_checkpoint_and_refuse_another_architecture(tmp_path):
     assert 'Missing key(s)' in result.stderr and not (tmp_path / 'wrong' / 'model.safetensors').exists()
 
 
-def test_two_process_ddp_on_cpu(tmp_path):
-    """gloo DDP through the real launcher: steps split across ranks, metrics reduced over both halves of val."""
-    run = tmp_path / 'ddp'
-    result = _zoo('train', str(QUICKSTART), '--output', str(run), *[a for kv in TINY_RUN for a in ('--set', kv)],
-                  '--set', 'data.batch_size=8', '--set', 'data.eval_batch_size=10', '--set', 'trainer.devices=2',
-                  '--set', 'trainer.strategy=ddp', '--set', 'trainer.accelerator=cpu')
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert result.stdout.count('run folder:') == 1
-    assert torch.load(run / 'checkpoints' / 'last.ckpt', weights_only=False)['global_step'] == 48 // (8 * 2)
-    metrics = json.loads((run / 'metrics.json').read_text())
-    evaluated = _zoo('eval', '--checkpoint', str(run / 'model'), '--data', 'shapes', '--shapes-size', '40',
-                     '--workers', '0', '--json', str(tmp_path / 'e.json'))
-    assert evaluated.returncode == 0, evaluated.stderr
-    assert json.loads((tmp_path / 'e.json').read_text())['top1'] == pytest.approx(metrics['val_top1'], abs=1e-9)
-
-
 _KILL_RANK_ONE = """
 import os, signal, sys
 import pytorch_lightning as pl
@@ -154,15 +138,26 @@ sys.exit(cli.main(sys.argv[1:]))
 
 
 def test_ddp_job_with_a_killed_process_resumes_to_the_uninterrupted_weights(tmp_path):
-    """Two gloo DDP processes; rank 1 is SIGKILLed mid-epoch (after the step-2 checkpoint, 6 steps per epoch). The
-    launcher takes the job down, `--resume` continues from the last checkpoint, and the final weights equal those
-    of a run that was never interrupted: data position, optimizer and schedule all come back on both ranks."""
+    """Two gloo DDP processes through the real launcher; rank 1 is SIGKILLed mid-epoch (after the step-2 checkpoint,
+    6 steps per epoch). The launcher takes the job down, `--resume` continues from the last checkpoint, and the final
+    weights equal those of a run that was never interrupted: data position, optimizer and schedule all come back on
+    both ranks. The uninterrupted run itself splits the steps across the ranks, prints one run folder and reduces
+    its validation metrics over both halves of val (`zoo eval` of its model reproduces them)."""
     ddp = [*[a for kv in TINY_RUN for a in ('--set', kv)], '--set', 'data.train_size=96', '--set', 'data.batch_size=8',
            '--set', 'schedule.epochs=2', '--set', 'trainer.checkpoint_every_steps=2', '--set', 'trainer.devices=2',
            '--set', 'trainer.strategy=ddp', '--set', 'trainer.accelerator=cpu', '--set', 'aug.hflip=0',
-           '--set', 'aug.scale=[1.0,1.0]', '--set', 'aug.train_interpolation=bilinear']
+           '--set', 'aug.scale=[1.0,1.0]', '--set', 'aug.train_interpolation=bilinear', '--set',
+           'data.eval_batch_size=10']
     whole = _zoo('train', str(QUICKSTART), '--output', str(tmp_path / 'whole'), *ddp)
     assert whole.returncode == 0, whole.stderr[-3000:]
+    assert whole.stdout.count('run folder:') == 1
+    assert torch.load(tmp_path / 'whole' / 'checkpoints' / 'last.ckpt', weights_only=True)['global_step'] == \
+        2 * 96 // (8 * 2)  # two epochs of 96 images, batch 8 on each of the two ranks
+    evaluated = _zoo('eval', '--checkpoint', str(tmp_path / 'whole' / 'model'), '--data', 'shapes', '--shapes-size',
+                     '40', '--workers', '0', '--json', str(tmp_path / 'e.json'))
+    assert evaluated.returncode == 0, evaluated.stderr
+    metrics = json.loads((tmp_path / 'whole' / 'metrics.json').read_text())
+    assert json.loads((tmp_path / 'e.json').read_text())['top1'] == pytest.approx(metrics['val_top1'], abs=1e-9)
     script = tmp_path / 'kill_rank_one.py'
     script.write_text(_KILL_RANK_ONE.format(step=3))
     killed = subprocess.run([sys.executable, str(script), 'train', str(QUICKSTART), '--output', str(tmp_path / 'run'),
