@@ -12,6 +12,7 @@ import zoo  # noqa: F401  (registers the models)
 from conftest import fixtures_path, fixtures_root
 from zoo.layers import aggregated_attn
 from zoo.layers.aggregated_attn import relative_coords_cpb, window_av, window_length_scale, window_qk
+from zoo.layers.window_geometry import row_bands
 from zoo.models.transnext import checkpoint_filter_fn
 
 TINY = dict(embed_dims=(24, 48, 72, 96), num_heads=(1, 2, 3, 4), depths=(1, 1, 1, 1), img_size=64)
@@ -181,7 +182,7 @@ def test_query_bands_give_the_one_band_result(monkeypatch, attention):
     keys = 12 if attention == 'aggregated' else 63  # pooled 3 x 4 grid, or every token
     monkeypatch.setattr(aggregated_attn, 'QUERY_BAND_LOGITS', 2 * 2 * 9 * keys * 2 - 1)  # one row per band
     monkeypatch.setattr(aggregated_attn, 'CPB_ROWS', 5)
-    assert len(list(aggregated_attn._row_bands(2, 2, 7, 9, keys))) == 7
+    assert len(list(row_bands(7, 2 * 2 * 9 * keys, aggregated_attn.QUERY_BAND_LOGITS))) == 7
     banded = run()
     for got, expected in zip(banded, whole):
         torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)

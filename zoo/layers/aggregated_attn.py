@@ -42,7 +42,8 @@ from timm.layers import trunc_normal_
 
 from .kernels import dispatch
 from .mixture_of_heads import MixtureOfHeads, gate_heads, routed_token_index
-from .window_geometry import Length, capturing_graph, check_kernel_size, window_valid_mask
+from .window_geometry import (Length, capturing_graph, check_kernel_size, join_bands, row_bands,
+                              window_valid_mask)
 
 __all__ = [
     'window_qk', 'window_av', 'window_valid_mask', 'window_length_scale', 'relative_coords_cpb',
@@ -223,24 +224,6 @@ QUERY_BAND_LOGITS = 1 << 22
 CPB_ROWS = 1 << 13
 
 
-def _row_bands(batch: int, heads: int, height: Length, width: Length, keys: Length) -> Iterator[Tuple[slice, slice]]:
-    """(map rows, query tokens) of bands of whole map rows whose logits hold about QUERY_BAND_LOGITS elements; one
-    band (the whole map) while a graph is captured or when everything fits."""
-    rows = QUERY_BAND_LOGITS // max(1, batch * heads * width * keys)
-    if capturing_graph() or rows >= height:
-        yield slice(None), slice(None)
-        return
-    rows = max(1, rows)
-    for start in range(0, height, rows):
-        stop = min(start + rows, height)
-        yield slice(start, stop), slice(start * width, stop * width)
-
-
-def _cat_bands(bands: list, dim: int) -> torch.Tensor:
-    """The per-band (or per-chunk) pieces joined along dim (no copy for a single one)."""
-    return bands[0] if len(bands) == 1 else torch.cat(bands, dim)
-
-
 class PositionBias(NamedTuple):
     """A continuous position bias evaluated once per distinct offset, gathered for any band of query rows.
 
@@ -307,10 +290,15 @@ def position_bias(fc1: nn.Linear, fc2: nn.Linear, query_size: Tuple[int, int], k
     table, rows, cols, distinct_cols = _cpb_axes(query_size, key_size, pretrain_size, fc1.weight.device)
     table = table.to(fc1.weight.dtype)
     # The MLP's hidden layer is 512 wide: on a 256 x 256 map against a 32 x 32 grid (1024 x 1024 input) the table
-    # has 262,144 rows, whose hidden activations alone would take 512 MiB, so it runs on chunks of rows.
-    step = len(table) if capturing_graph() else CPB_ROWS
-    per_offset = [fc2(F.relu(fc1(table[start:start + step]))) for start in range(0, len(table), step)]
-    return PositionBias(_cat_bands(per_offset, 0).t(), rows, cols, distinct_cols)
+    # has 262,144 rows, whose hidden activations alone would take 512 MiB, so it runs on chunks of rows (in one piece
+    # while a graph is captured: a loop over a symbolic row count would fix the input size).
+    def mlp(coords: torch.Tensor) -> torch.Tensor:
+        return fc2(F.relu(fc1(coords)))
+    if capturing_graph():
+        per_offset = mlp(table)
+    else:
+        per_offset = join_bands([mlp(table[start:start + CPB_ROWS]) for start in range(0, len(table), CPB_ROWS)], 0)
+    return PositionBias(per_offset.t(), rows, cols, distinct_cols)
 
 
 def continuous_position_bias(fc1: nn.Linear, fc2: nn.Linear, query_size: Tuple[int, int],
@@ -541,7 +529,7 @@ class AggregatedAttention(_CosineAttentionBase):
 
     def _attend(self, parts: _AggregatedParts, heads: slice) -> torch.Tensor:
         """Outputs (B, h', N, d) of the heads in `heads` for every query (the reference, window operators), the
-        pooled part band by band of query rows (`_row_bands`)."""
+        pooled part band by band of query rows (`row_bands`)."""
         height, width = parts.k_local.shape[2:4]
         slots = self.window_size * self.window_size
         k_local, v_local = parts.k_local[:, heads], parts.v_local[:, heads]
@@ -553,15 +541,16 @@ class AggregatedAttention(_CosineAttentionBase):
         # Learnable tokens: added after the softmax, un-normalised, driven by the plain normalised query.
         token_weights = parts.q_norm[:, heads] @ self.learnable_tokens[heads] + self.learnable_bias[heads]
         local, pooled = [], []
-        for rows, tokens in _row_bands(*k_pool.shape[:2], height, width, k_pool.shape[2]):
+        batch, count, pooled_keys = k_pool.shape[:3]
+        for rows, tokens in row_bands(height, batch * count * width * pooled_keys, QUERY_BAND_LOGITS, width):
             q_band = q_scaled[:, :, tokens]
             logits_pool = q_band @ k_pool.transpose(-2, -1) + parts.pool_bias.gather(rows, heads).to(q_band.dtype)
             attn = torch.cat([logits_local[:, :, tokens].to(logits_pool.dtype), logits_pool], dim=-1).softmax(dim=-1)
             attn_local, attn_pool = self.attn_drop(attn).split([slots, attn.shape[-1] - slots], dim=-1)
             local.append(attn_local + token_weights[:, :, tokens])
             pooled.append(attn_pool @ v_pool)
-        attn_local = _cat_bands(local, 2).unflatten(2, (height, width)).to(v_local.dtype)
-        return window_av(attn_local, v_local, self.window_size, self.backend).flatten(2, 3) + _cat_bands(pooled, 2)
+        attn_local = join_bands(local, 2).unflatten(2, (height, width)).to(v_local.dtype)
+        return window_av(attn_local, v_local, self.window_size, self.backend).flatten(2, 3) + join_bands(pooled, 2)
 
     def _attend_routed(self, parts: _AggregatedParts, heads: slice, index: torch.Tensor) -> torch.Tensor:
         """Outputs (B, h', M, d) of the heads in `heads` for the queries index (B, h', M) only: the window keys and
@@ -658,9 +647,11 @@ class ScaledCosineAttention(_CosineAttentionBase):
         """Outputs (B, h', N, d) of the heads in `heads` for every query, band by band of query rows."""
         batch, count, tokens = parts.k_norm[:, heads].shape[:3]
         height = parts.bias.rows.shape[0]
-        return _cat_bands([self._attention(parts, parts.q_norm[:, heads, band],
+        width = tokens // height
+        return join_bands([self._attention(parts, parts.q_norm[:, heads, band],
                                            parts.bias.gather(rows, heads).to(parts.q_norm.dtype), heads)
-                           for rows, band in _row_bands(batch, count, height, tokens // height, tokens)], 2)
+                           for rows, band in row_bands(height, batch * count * width * tokens, QUERY_BAND_LOGITS,
+                                                       width)], 2)
 
     def _attend_routed(self, parts: _FullParts, heads: slice, index: torch.Tensor) -> torch.Tensor:
         """Outputs (B, h', M, d) of the heads in `heads` for the queries index (B, h', M) only."""

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from timm.layers import make_divisible, trunc_normal_
 
 from .kernels import dispatch
-from .window_geometry import capturing_graph
+from .window_geometry import join_bands, row_bands
 
 __all__ = ['HaloAttention', 'RelPosEmbed2d', 'halo_attention_2d', 'halo_relative_logits', 'check_halo_shapes',
            'BORDERS', 'HALO_BACKENDS', 'BAND_LOGITS']
@@ -115,22 +115,6 @@ def _window_rows(windows: torch.Tensor, band: slice) -> torch.Tensor:
 BAND_LOGITS = 1 << 22
 
 
-def _block_row_bands(query_blocks: torch.Tensor, block_rows: int, win: int):
-    """Bands of whole block rows whose logits (B, heads, blocks, bq*bq, win*win) hold about BAND_LOGITS elements, as
-    (block rows, blocks) slices; one band while a graph is captured or when everything fits."""
-    batch, heads, blocks, queries = query_blocks.shape[:4]
-    per_row = batch * heads * (blocks // block_rows) * queries * win * win
-    rows = BAND_LOGITS // max(1, per_row)
-    if capturing_graph() or rows >= block_rows:
-        yield slice(None), slice(None)
-        return
-    rows = max(1, rows)
-    per_band = blocks // block_rows
-    for start in range(0, block_rows, rows):
-        stop = min(start + rows, block_rows)
-        yield slice(start, stop), slice(start * per_band, stop * per_band)
-
-
 def _window_valid(length: int, block_size: int, halo_size: int, device) -> torch.Tensor:
     """(length / b, win) bool along one axis: window slot t of block i lies inside the map."""
     win = block_size + 2 * halo_size
@@ -186,16 +170,19 @@ def _reference(query, key, value, block_size, halo_size, rel_h, rel_w, scale, bo
     q = _blocks(query, block_size // stride) * scale
     keys, values = _windows(key, block_size, halo_size), _windows(value, block_size, halo_size)
     valid = _border_mask(height, width, block_size, halo_size, query.device) if border == 'mask' else None
+    batch, heads, num_blocks, queries = q.shape[:4]
+    block_rows, win = height // block_size, block_size + 2 * halo_size
+    per_block_row = num_blocks // block_rows
     bands = []
-    for rows, blocks in _block_row_bands(q, height // block_size, block_size + 2 * halo_size):
+    for rows, blocks in row_bands(block_rows, batch * heads * per_block_row * queries * win * win, BAND_LOGITS,
+                                  per_block_row):
         logits = q[:, :, blocks] @ _window_rows(keys, rows).transpose(-1, -2)
         rel = rel_h[:, :, blocks, :, :, None] + rel_w[:, :, blocks, :, None, :]  # (B, heads, n, bq*bq, win, win)
         logits = logits + rel.flatten(-2)
         if valid is not None:
             logits = logits.masked_fill(~valid[blocks], float('-inf'))
         bands.append(logits.softmax(dim=-1) @ _window_rows(values, rows))
-    out = bands[0] if len(bands) == 1 else torch.cat(bands, 2)
-    return _unblocks(out, block_size // stride, query.shape[2], query.shape[3])
+    return _unblocks(join_bands(bands, 2), block_size // stride, query.shape[2], query.shape[3])
 
 
 def halo_attention_2d(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, block_size: int,

@@ -19,7 +19,7 @@ and with dynamic H and W the table is a function of the symbolic sizes.
 """
 from functools import lru_cache
 from types import ModuleType
-from typing import Tuple, Union
+from typing import Iterator, List, Tuple, Union
 
 import numpy as np
 import torch
@@ -27,7 +27,7 @@ import torch
 __all__ = [
     'check_kernel_size', 'check_window_fits', 'neighborhood_axis_numpy', 'neighborhood_axis_tables',
     'neighborhood_indices', 'rpb_index_numpy', 'rpb_index', 'scatter_rpb', 'padded_window_valid_numpy',
-    'window_valid_mask', 'capturing_graph',
+    'window_valid_mask', 'capturing_graph', 'row_bands', 'join_bands',
 ]
 
 
@@ -163,3 +163,23 @@ def window_valid_mask(height: Length, width: Length, kernel_size: int = 3,
     if capturing_graph():
         return _padded_window_valid(height, width, kernel_size, torch, device=device)
     return torch.tensor(padded_window_valid_numpy(height, width, kernel_size), device=device)
+
+
+def row_bands(rows: Length, per_row: Length, budget: int, unit: Length = 1) -> Iterator[Tuple[slice, slice]]:
+    """Bands of whole rows (of a map, or of blocks) holding about `budget` elements at `per_row` each, for operators
+    that bound their temporaries on large inputs: (row slice, slice of the flattened axis holding `unit` entries
+    per row). One band, (slice(None), slice(None)), when everything fits or while a graph is captured (a band count
+    of symbolic sizes has no value)."""
+    count = budget // max(1, per_row)
+    if capturing_graph() or count >= rows:
+        yield slice(None), slice(None)
+        return
+    count = max(1, count)
+    for start in range(0, rows, count):
+        stop = min(start + count, rows)
+        yield slice(start, stop), slice(start * unit, stop * unit)
+
+
+def join_bands(pieces: List[torch.Tensor], dim: int) -> torch.Tensor:
+    """The per-band pieces joined along dim (no copy for a single one)."""
+    return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim)
