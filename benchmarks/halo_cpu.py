@@ -89,7 +89,8 @@ def format_op_table(records: List[Dict[str, object]]) -> str:
     lines = [header, '-' * len(header)]
     for rec in records:
         m = {k: v * 1e3 for k, v in rec['median_s'].items()}
-        lines.append(f"{rec['case']:<20} {m['zoo fwd']:>9.1f} {m['timm fwd']:>9.1f} {m['timm fwd'] / m['zoo fwd']:>6.2f} "
+        lines.append(f"{rec['case']:<20} {m['zoo fwd']:>9.1f} {m['timm fwd']:>9.1f} "
+                     f"{m['timm fwd'] / m['zoo fwd']:>6.2f} "
                      f"{m['zoo fwd+bwd']:>9.1f} {m['timm fwd+bwd']:>9.1f} "
                      f"{m['timm fwd+bwd'] / m['zoo fwd+bwd']:>6.2f}")
     return '\n'.join(lines)

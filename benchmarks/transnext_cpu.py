@@ -128,7 +128,8 @@ def bench_ops(batch: int, iters: int, device: str, dtypes: List[torch.dtype]) ->
                 def fwd_bwd():
                     fn(*inputs).sum().backward()
                 rows.append(dict(case=name, dtype=str(dtype).replace('torch.', ''), impl=impl_name,
-                                 fwd_ms=1e3 * _median_time(fwd, 1, iters), fwd_bwd_ms=1e3 * _median_time(fwd_bwd, 1, iters)))
+                                 fwd_ms=1e3 * _median_time(fwd, 1, iters),
+                                 fwd_bwd_ms=1e3 * _median_time(fwd_bwd, 1, iters)))
     return rows
 
 

@@ -16,7 +16,7 @@ from zoo import bench
 from zoo.manifest import MANIFEST_PATH, load_manifest, model_stats, official_entry, verify_listed_checkpoint
 from zoo.progress import quiet
 from zoo.tasks import TASK_NAMES, check_paths, get_task, load_recipe, task_of_artifact
-from zoo.tasks.inference import add_inference_arguments, write_results
+from zoo.tasks.inference import add_inference_arguments, add_task_eval_arguments, write_results
 
 
 def _params_m(name: str) -> float:
@@ -421,8 +421,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--results-file', '--json', dest='results_file', default=None,
                    help='also write the metrics to this file: .json, or .csv (one row, like timm validate.py)')
     add_inference_arguments(p)
-    for name in TASK_NAMES:
-        get_task(name).add_eval_arguments(p.add_argument_group(f'{name} options'))
+    add_task_eval_arguments(p)
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser('predict', help='top-5 labels of image files')

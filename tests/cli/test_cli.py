@@ -37,6 +37,27 @@ def _zoo(*args):
     return subprocess.run([sys.executable, '-m', 'zoo.cli', *args], capture_output=True, text=True, timeout=600)
 
 
+STARTUP_CHECK = """
+import sys
+import warnings
+warnings.simplefilter('error', FutureWarning)
+import timm
+from zoo.cli import build_parser
+build_parser()
+heavy = sorted({'compressai', 'pytorch_lightning', 'segmentation_models_pytorch'} & set(sys.modules))
+assert not heavy, f'starting the zoo command imported {heavy}'
+codec = timm.create_model('s2lic_tiny')  # imports CompressAI now, without its torch.jit.script notice
+assert type(codec).__name__ == 'S2LIC' and 'compressai' in sys.modules
+"""
+
+
+def test_the_command_imports_no_task_stack_until_it_runs_one():
+    """`import zoo` and the `zoo` parser leave out CompressAI and Lightning (seconds of every command): a command
+    imports only the task it runs, and S2LIC's network is imported when a codec is created."""
+    result = subprocess.run([sys.executable, '-c', STARTUP_CHECK], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+
+
 def test_cli_list():
     result = _zoo('list', 'dinat_s_*')
     assert result.returncode == 0, result.stderr

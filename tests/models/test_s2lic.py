@@ -1,4 +1,5 @@
-"""S2LIC codec (zoo/models/s2lic.py) and its layers (zoo/layers/swinv2.py, dense_enhance.py), on CPU."""
+"""S2LIC codec (zoo/models/s2lic.py, _s2lic_network.py) and its layers (zoo/layers/swinv2.py, dense_enhance.py),
+on CPU."""
 import pytest
 import timm
 import torch
@@ -8,7 +9,7 @@ from timm.models.swin_transformer_v2 import SwinTransformerV2Block
 import zoo
 from tiny_configs import ALL_MODELS
 from zoo.layers import DenseBlock, EnhancementBlock, PaddedSwinV2Block, ResidualSwinV2Block
-from zoo.models.s2lic import S2LIC, checkerboard_anchor_mask
+from zoo.models._s2lic_network import S2LIC, checkerboard_anchor_mask
 
 # docs/s2lic.md §3: parameters of the known parts of the paper-size model (CPU build, timm SwinV2 blocks)
 PAPER_PARTS_M = {'swinv2_blocks': 5.4, 'stride_convs': 2.5, 'h_a': 1.9, 'h_s': 16.7, 'entropy_parameters': 7.1,

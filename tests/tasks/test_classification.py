@@ -245,7 +245,8 @@ def test_wandb_logs_offline_into_the_run_folder(tmp_path):
 
 def test_wandb_without_the_package_is_a_clear_error(tmp_path, monkeypatch):
     real_find_spec = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, 'find_spec', lambda name, *a: None if name == 'wandb' else real_find_spec(name, *a))
+    monkeypatch.setattr(importlib.util, 'find_spec',
+                        lambda name, *a: None if name == 'wandb' else real_find_spec(name, *a))
     with pytest.raises(ValueError, match=r"wandb is not installed: pip install 'attention-zoo\[wandb\]'"):
         _train(tmp_path, 'logging.wandb=true')
     assert not (tmp_path / 'checkpoints' / 'last.ckpt').exists()  # refused before any training

@@ -31,7 +31,8 @@ BASE = {'task': 'classification', 'source': 'test', 'model': {'name': 'nat_mini'
 
 def test_base_inheritance_and_overrides(tmp_path):
     _write(tmp_path, 'base.yaml', BASE)
-    child = _write(tmp_path, 'child.yaml', {'base': 'base.yaml', 'optim': {'lr': 0.01}, 'model': {'name': 'dinat_mini'}})
+    child = _write(tmp_path, 'child.yaml',
+                   {'base': 'base.yaml', 'optim': {'lr': 0.01}, 'model': {'name': 'dinat_mini'}})
     recipe = load_recipe(child, ['schedule.epochs=3', 'data.img_size=64', 'model.drop_path_rate=0.1'])
     assert recipe.optim.lr == 0.01 and recipe.optim.weight_decay == 0.05
     assert recipe.model.name == 'dinat_mini' and recipe.model.kwargs == {'kernel_size': 5, 'drop_path_rate': 0.1}
@@ -46,11 +47,13 @@ def test_resolved_recipe_round_trips(tmp_path):
 
 
 @pytest.mark.parametrize('tree,overrides,message', [
-    ({**BASE, 'optim': {'lr': 0.001, 'weigth_decay': 0.05}}, [], r'unknown key `optim.weigth_decay`.*allowed keys of `optim`: name, lr'),
+    ({**BASE, 'optim': {'lr': 0.001, 'weigth_decay': 0.05}}, [],
+     r'unknown key `optim.weigth_decay`.*allowed keys of `optim`: name, lr'),
     ({**BASE, 'optimizer': {}}, [], r'unknown top-level key `optimizer`; allowed: task'),
     (BASE, ['schedule.epoch=3'], r'unknown key `schedule.epoch`'),
     (BASE, ['optim.lr=fast'], r'`optim.lr` must be float, got .fast.'),
-    ({**BASE, 'model': {'name': 'nat_mini', 'kernel': 7}}, [], r'unknown key `model.kernel` for nat_mini; allowed: .*kernel_size'),
+    ({**BASE, 'model': {'name': 'nat_mini', 'kernel': 7}}, [],
+     r'unknown key `model.kernel` for nat_mini; allowed: .*kernel_size'),
     ({**BASE, 'model': {'name': 'nat_gigantic'}}, [], r'unknown model `nat_gigantic`'),
     ({**BASE, 'task': 'detect'}, [], r'`task` must be one of classification'),
     ({k: v for k, v in BASE.items() if k != 'model'}, [], r'`model` section .* is required'),

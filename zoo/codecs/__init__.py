@@ -9,8 +9,11 @@
 
 The CDF tables of every codec are kept current by zoo.layers.entropy_tables.
 """
-from .bitstream import BitstreamError, compress_image, decompress_image, read_header, reconstruct_image
-from .factory import COMPRESSAI_PREFIX, compressai_architecture, create_codec, load_codec, save_codec
+from zoo.layers.compressai_import import quiet_compressai_import
+
+with quiet_compressai_import():  # this package is built on CompressAI, which `import zoo` leaves out
+    from .bitstream import BitstreamError, compress_image, decompress_image, read_header, reconstruct_image
+    from .factory import COMPRESSAI_PREFIX, compressai_architecture, create_codec, load_codec, save_codec
 
 __all__ = ['BitstreamError', 'compress_image', 'decompress_image', 'read_header', 'reconstruct_image',
            'COMPRESSAI_PREFIX', 'compressai_architecture', 'create_codec', 'load_codec', 'save_codec']

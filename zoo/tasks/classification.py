@@ -455,14 +455,6 @@ def _evaluate_command(args: argparse.Namespace) -> Dict:
             'interpolation': config['interpolation'], **inference.describe()}
 
 
-def _add_eval_arguments(group: argparse._ArgumentGroup) -> None:
-    group.add_argument('--num-classes', type=int, default=None, help='classes of --model with a weights file')
-    group.add_argument('--shapes-size', type=int, default=1000, help="images in the shapes validation split "
-                                                                     "(--data shapes)")
-    group.add_argument('--img-size', type=int, default=None, help="square input size (default: the model's cfg)")
-    group.add_argument('--crop-pct', type=float, default=None, help="centre-crop fraction (default: the model's cfg)")
-
-
 def _is_timm_model_folder(folder: Path) -> bool:
     """A timm local-dir folder (config.json naming an architecture, safetensors weights), as zoo convert writes."""
     if not (folder / CONFIG_FILE).is_file() or not (folder / WEIGHTS_FILE).is_file():
@@ -470,6 +462,6 @@ def _is_timm_model_folder(folder: Path) -> bool:
     return 'architecture' in read_config(folder)
 
 
-TASK = Task(name='classification', train=train, evaluate=_evaluate_command, add_eval_arguments=_add_eval_arguments,
+TASK = Task(name='classification', train=train, evaluate=_evaluate_command,
             recognizes=_is_timm_model_folder, data_paths=_data_paths, phases=True,
             datasets=('shapes', 'imagefolder'))

@@ -358,22 +358,10 @@ def codec_files(paths: Sequence[str]) -> List[str]:
     return files
 
 
-def _add_eval_arguments(group: argparse._ArgumentGroup) -> None:
-    group.add_argument('--baseline-checkpoint', action='extend', nargs='+', default=[],
-                       help='checkpoints of the baseline codec (e.g. compressai:bmshj2018-hyperprior trained with the '
-                            'same recipe), one per quality')
-    group.add_argument('--anchor', default=None,
-                       help='the curve BD-rates are reported against (a classic codec or a model name; default: jpeg '
-                            'when measured, else the baseline, else the first model)')
-    group.add_argument('--classic', nargs='*', default=['jpeg', 'webp', 'avif', 'jpeg2000'],
-                       help='Pillow codecs measured on the same images (none: --classic with no value)')
-    group.add_argument('--plot', default=None, help='write the RD plot to this PNG')
-
-
 def _is_codec_folder(folder: Path) -> bool:
     return any(folder.glob(CODEC_FILE_PATTERN))
 
 
-TASK = Task(name='compression', train=train, evaluate=_evaluate_command, add_eval_arguments=_add_eval_arguments,
+TASK = Task(name='compression', train=train, evaluate=_evaluate_command,
             check_recipe=_check_recipe, model_arguments=_codec_arguments, recognizes=_is_codec_folder, quality=True,
             data_paths=_data_paths, datasets=('photos', 'folder'))

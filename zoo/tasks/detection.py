@@ -448,15 +448,11 @@ def _evaluate_command(args) -> Dict:
     return {'checkpoint': args.checkpoint, **metrics, **inference.describe()}
 
 
-def _add_eval_arguments(group) -> None:
-    group.add_argument('--ann-file', default=None, help='COCO json of the images in --data')
-
-
 def _is_detector_folder(folder: Path) -> bool:
     """A detector folder written before the artifact metadata existed: its config names a detection head."""
     return (folder / CONFIG_FILE).is_file() and all(key in read_config(folder) for key in _DETECTOR_CONFIG_KEYS)
 
 
-TASK = Task(name='detection', train=train, evaluate=_evaluate_command, add_eval_arguments=_add_eval_arguments,
+TASK = Task(name='detection', train=train, evaluate=_evaluate_command,
             check_recipe=_check_recipe, recognizes=_is_detector_folder, data_paths=_data_paths,
             datasets=('shapes', 'coco'))

@@ -18,7 +18,8 @@ import torch.nn as nn
 
 from zoo.files import atomic_write_bytes
 
-__all__ = ['Inference', 'resolve_device', 'add_inference_arguments', 'write_results', 'AMP_DTYPES']
+__all__ = ['Inference', 'resolve_device', 'add_inference_arguments', 'add_task_eval_arguments', 'write_results',
+           'AMP_DTYPES']
 
 AMP_DTYPES = {'float16': torch.float16, 'bfloat16': torch.bfloat16}
 
@@ -105,6 +106,33 @@ def add_inference_arguments(parser: argparse.ArgumentParser) -> None:
                         help='mixed precision: bfloat16 on the CPU, float16 on CUDA (or --amp-dtype)')
     parser.add_argument('--amp-dtype', default=None, choices=sorted(AMP_DTYPES), help='autocast dtype (implies --amp)')
     parser.add_argument('--channels-last', action='store_true', help='NHWC memory format for model and images')
+
+
+def add_task_eval_arguments(parser: argparse.ArgumentParser) -> None:
+    """Each task's own `zoo eval` flags, a group per task. They are declared here rather than in the task modules
+    so that building the command line imports no task: a task module loads its training stack (Lightning,
+    CompressAI), and a command imports only the task it runs."""
+    group = parser.add_argument_group('classification options')
+    group.add_argument('--num-classes', type=int, default=None, help='classes of --model with a weights file')
+    group.add_argument('--shapes-size', type=int, default=1000, help="images in the shapes validation split "
+                                                                     "(--data shapes)")
+    group.add_argument('--img-size', type=int, default=None, help="square input size (default: the model's cfg)")
+    group.add_argument('--crop-pct', type=float, default=None, help="centre-crop fraction (default: the model's cfg)")
+    group = parser.add_argument_group('detection options')
+    group.add_argument('--ann-file', default=None, help='COCO json of the images in --data')
+    group = parser.add_argument_group('segmentation options')
+    group.add_argument('--recipe', default=None,
+                       help="the run's recipe.yaml, for a segmenter.pt or .ckpt (default: the run folder's)")
+    group = parser.add_argument_group('compression options')
+    group.add_argument('--baseline-checkpoint', action='extend', nargs='+', default=[],
+                       help='checkpoints of the baseline codec (e.g. compressai:bmshj2018-hyperprior trained with the '
+                            'same recipe), one per quality')
+    group.add_argument('--anchor', default=None,
+                       help='the curve BD-rates are reported against (a classic codec or a model name; default: jpeg '
+                            'when measured, else the baseline, else the first model)')
+    group.add_argument('--classic', nargs='*', default=['jpeg', 'webp', 'avif', 'jpeg2000'],
+                       help='Pillow codecs measured on the same images (none: --classic with no value)')
+    group.add_argument('--plot', default=None, help='write the RD plot to this PNG')
 
 
 def write_results(metrics: Dict[str, Any], path: str) -> None:

@@ -1,7 +1,7 @@
 """What a task is to the rest of the zoo: one `Task` object per task module, found through zoo.tasks.get_task.
 
 The `zoo` command and the recipe loader know tasks only through these objects: `zoo train` calls `train`, `zoo eval`
-adds each task's own flags in a group of its own and calls `evaluate`, the recipe loader calls `check_recipe` and
+calls `evaluate` (each task's own flags are declared in zoo.tasks.inference), the recipe loader calls `check_recipe` and
 `model_arguments`, and `zoo eval --checkpoint DIR` finds the task of a model folder through the artifact metadata
 or `recognizes` (folders written before the metadata existed).
 """
@@ -46,7 +46,6 @@ class Task:
     name: the recipe's `task` value.
     train: (recipe, output folder, resume) -> final metrics (writes the run folder, zoo.tasks.engine).
     evaluate: (parsed `zoo eval` arguments) -> metrics, or None when the task printed and wrote its own report.
-    add_eval_arguments: adds the task's own `zoo eval` flags to an argument group.
     check_recipe: raises RecipeError for a recipe the task cannot run (its `head`, its own keys), before anything
         is built.
     model_arguments: model name -> the constructor arguments a recipe's `model:` section may set.
@@ -60,7 +59,6 @@ class Task:
     name: str
     train: Callable[[Recipe, str, Optional[str]], Dict[str, Any]]
     evaluate: Callable[[argparse.Namespace], Optional[Dict[str, Any]]]
-    add_eval_arguments: Callable[[argparse._ArgumentGroup], None]
     check_recipe: Callable[[Recipe], None] = no_recipe_checks
     model_arguments: Callable[[str], Sequence[str]] = timm_constructor_arguments
     recognizes: Callable[[Path], bool] = _no_legacy_layout

@@ -436,15 +436,10 @@ def _evaluate_command(args: argparse.Namespace) -> Dict:
     return {'checkpoint': args.checkpoint, **metrics, **inference.describe()}
 
 
-def _add_eval_arguments(group: argparse._ArgumentGroup) -> None:
-    group.add_argument('--recipe', default=None,
-                       help="the run's recipe.yaml, for a segmenter.pt or .ckpt (default: the run folder's)")
-
-
 def _is_legacy_segmenter_folder(folder: Path) -> bool:
     return (folder / LEGACY_WEIGHTS).is_file()
 
 
-TASK = Task(name='segmentation', train=train, evaluate=_evaluate_command, add_eval_arguments=_add_eval_arguments,
+TASK = Task(name='segmentation', train=train, evaluate=_evaluate_command,
             check_recipe=_check_recipe, recognizes=_is_legacy_segmenter_folder, data_paths=_data_paths,
             datasets=('shapes', 'ade20k', 'maskfolder'))
