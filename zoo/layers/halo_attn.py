@@ -72,7 +72,8 @@ def check_halo_shapes(query: torch.Tensor, key: torch.Tensor, value: torch.Tenso
     if height % block_size or width % block_size:
         raise ValueError(f'halo attention needs H and W divisible by block_size {block_size}, got {height}x{width}')
     q_height, q_width = query.shape[2:4]
-    stride = height // q_height if q_height else 0
+    # a Python int even for symbolic sizes (graph capture): block sizes derived from it stay constants
+    stride = int(height // q_height) if q_height else 0
     if stride < 1 or q_height * stride != height or q_width * stride != width or block_size % stride:
         raise ValueError(f'query map {q_height}x{q_width} must be the {height}x{width} key map subsampled by a '
                          f'stride that divides block_size {block_size}')
@@ -166,7 +167,7 @@ def _reference(query, key, value, block_size, halo_size, rel_h, rel_w, scale, bo
     """softmax over each block's window, plain PyTorch, band by band of block rows; rel_h / rel_w already scaled as
     the logits need."""
     height, width = key.shape[2:4]
-    stride = height // query.shape[2]
+    stride = int(height // query.shape[2])
     q = _blocks(query, block_size // stride) * scale
     keys, values = _windows(key, block_size, halo_size), _windows(value, block_size, halo_size)
     valid = _border_mask(height, width, block_size, halo_size, query.device) if border == 'mask' else None

@@ -170,11 +170,10 @@ def row_bands(rows: Length, per_row: Length, budget: int, unit: Length = 1) -> I
     that bound their temporaries on large inputs: (row slice, slice of the flattened axis holding `unit` entries
     per row). One band, (slice(None), slice(None)), when everything fits or while a graph is captured (a band count
     of symbolic sizes has no value)."""
-    count = budget // max(1, per_row)
-    if capturing_graph() or count >= rows:
+    if capturing_graph() or budget // max(1, per_row) >= rows:
         yield slice(None), slice(None)
         return
-    count = max(1, count)
+    count = max(1, budget // max(1, per_row))
     for start in range(0, rows, count):
         stop = min(start + count, rows)
         yield slice(start, stop), slice(start * unit, stop * unit)
