@@ -218,8 +218,8 @@ def test_gpu_benchmark_dry_run_checks_the_blocked_path(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize('operator', ['fused', 'qk', 'av'])
 def test_compiles_as_one_graph_and_matches_eager(operator):
-    """Under torch.compile (fullgraph) the tables are built in the graph and the fused operator runs as one chunk under
-    autograd; values and gradients equal the eager (chunked, custom-backward) path."""
+    """Under torch.compile (fullgraph) the fused operator is the chunked operator `zoo::na2d_blocked` and the halves
+    build their tables in the graph; values and gradients equal the eager path."""
     q, k, v, rpb = _inputs(10, 9, 3, with_rpb=True)
     attn = torch.rand(*q.shape[:4], 9, dtype=torch.float64).softmax(-1)
     fn, tensors = {
@@ -231,3 +231,48 @@ def test_compiles_as_one_graph_and_matches_eager(operator):
     torch._dynamo.reset()
     compiled = torch.compile(fn, fullgraph=True, backend='eager')
     _assert_all_close(_value_and_grads(compiled, *tensors), _value_and_grads(fn, *tensors), atol=1e-12)
+
+
+@pytest.mark.parametrize('with_rpb,dilation,tile', [(True, 2, 4), (False, 1, None)])
+def test_the_chunked_operator_passes_opcheck(with_rpb, dilation, tile):
+    """torch.library.opcheck: the operator's schema, its shape function (fake tensors, also with dynamic shapes under
+    AOT autograd) and its autograd registration agree with what it computes."""
+    q, k, v, rpb = (t if t is None else t.requires_grad_() for t in _inputs(10, 9, 3, with_rpb))
+    torch.library.opcheck(na2d_blocked._fused_op, (q, k, v, rpb, 0.7, 3, dilation, tile))
+
+
+def _graph_targets(capture) -> set:
+    """The call targets of the graph `capture` records of the blocked fused operator on a small map."""
+    q, k, v, rpb = _inputs(10, 9, 3, with_rpb=True)
+    fn = lambda q, k, v, b: na2d_blocked.neighborhood_attention_2d(q, k, v, 3, 2, b, 0.7)  # noqa: E731
+    return {str(node.target) for node in capture(fn, (q, k, v, rpb)).nodes if node.op == 'call_function'}
+
+
+def test_compile_calls_the_chunked_operator_and_export_holds_plain_ops():
+    """torch.compile keeps the chunks (one opaque call); an exported program holds plain ops, which other runtimes
+    (ONNX) can run."""
+    graphs = []
+
+    def recording_backend(graph_module, example_inputs):
+        graphs.append(graph_module.graph)
+        return graph_module.forward
+
+    def compiled_graph(fn, inputs):
+        torch._dynamo.reset()
+        torch.compile(fn, fullgraph=True, backend=recording_backend)(*inputs)
+        return graphs[-1]
+
+    class Wrapped(torch.nn.Module):
+        def __init__(self, fn):
+            super().__init__()
+            self.fn = fn
+
+        def forward(self, *inputs):
+            return self.fn(*inputs)
+
+    def exported_graph(fn, inputs):
+        return torch.export.export(Wrapped(fn), inputs).graph
+
+    assert 'zoo.na2d_blocked.default' in _graph_targets(compiled_graph)
+    exported = _graph_targets(exported_graph)
+    assert exported and not any(target.startswith('zoo.') for target in exported)

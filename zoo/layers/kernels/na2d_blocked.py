@@ -17,7 +17,7 @@ Exactly the reference's semantics (zoo.layers.neighborhood, NATTEN <= 0.17), rea
 * a 2-D tile is the product of a row tile and a column tile, so its query and key positions, mask, window slots
   and bias index are outer combinations of small per-axis tables, built for the tiles a chunk needs. The per-axis
   tables are torch ops on index tensors: eager calls read them from a cache of read-only numpy arrays, a graph being
-  captured (torch.compile, torch.export, torch.jit.trace) computes them in the graph, as
+  captured (torch.compile, torch.export, torch.jit.trace, a CUDA graph) computes them in the graph, as
   zoo.layers.window_geometry does.
 
 Tiles are gathered from the (B, heads, H*W, d) map with one index_select per tensor (of its rows, the fast form on a
@@ -26,6 +26,8 @@ images while they fit, else bands of tile rows): on a CPU a chunk's temporaries 
 fresh, page-faulted allocations four times the size of the map, which made the unchunked form about three times
 slower (benchmarks/RESULTS.md, "Blocked na2d, chunked"). Its backward recomputes each chunk's probabilities (as
 flash attention does), so training saves only q, k, v and rpb, never the (B, heads, tiles, Tq, Kb) probabilities.
+It is the custom operator `zoo::na2d_blocked`, so that torch.compile keeps the chunks as one opaque call; exported
+and traced graphs hold its plain ops as one chunk.
 The two halves, na2d_qk and na2d_av, produce or take the full (B, heads, H, W, k*k) weights anyway and run through
 autograd of a few large ops.
 
@@ -33,7 +35,7 @@ Padding for odd sizes costs at most T - 1 query rows and columns per dilation gr
 """
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Iterator, NamedTuple, Optional, Tuple
+from typing import Iterator, List, NamedTuple, Optional, Tuple
 
 import numpy as np
 import torch
@@ -151,7 +153,7 @@ def _axis_numpy(length: int, kernel_size: int, dilation: int, tile: int) -> Tupl
 
 def _axis(length: int, kernel_size: int, dilation: int, tile: int, device: torch.device) -> _Axis:
     """`_axis_tables` on device: computed in the graph while one is captured, else copied from the cache."""
-    if capturing_graph():
+    if capturing_graph() or (device.type == 'cuda' and torch.cuda.is_current_stream_capturing()):
         return _axis_tables(length, kernel_size, dilation, tile, device)
     return _Axis(*(torch.tensor(array, device=device) for array in _axis_numpy(length, kernel_size, dilation, tile)))
 
@@ -314,25 +316,6 @@ def _fused_forward(query, key, value, rpb, scale, plan: _Map) -> torch.Tensor:
     return _gather(tiled, plan.inverse(), 1).view(batch, heads, height, width, dim)
 
 
-class _FusedAttention(torch.autograd.Function):
-    """The chunked fused operator with a backward that recomputes each chunk's probabilities."""
-
-    @staticmethod
-    def forward(ctx, query, key, value, rpb, scale: float, geometry: _Geometry):
-        plan = _Map(geometry, query.device)
-        ctx.save_for_backward(query, key, value, rpb)
-        ctx.scale, ctx.geometry = scale, geometry
-        return _fused_forward(query, key, value, rpb, scale, plan)
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad):
-        query, key, value, rpb = ctx.saved_tensors
-        plan = _Map(ctx.geometry, query.device)
-        grads = _fused_backward(query, key, value, rpb, ctx.scale, plan, grad, ctx.needs_input_grad[3])
-        return grads + (None, None)
-
-
 def _fused_backward(query, key, value, rpb, scale: float, plan: _Map, grad: torch.Tensor, rpb_grad: bool):
     """Gradients of the fused operator in query, key, value and rpb (None where rpb is None or not needed).
 
@@ -376,6 +359,53 @@ def _fused_backward(query, key, value, rpb, scale: float, plan: _Map, grad: torc
     return grad_q, grad_k, grad_v, None if grad_rpb is None else grad_rpb.to(rpb.dtype).view(rpb.shape)
 
 
+@torch.library.custom_op('zoo::na2d_blocked', mutates_args=())
+def _fused_op(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, rpb: Optional[torch.Tensor], scale: float,
+              kernel_size: int, dilation: int, tile: Optional[int]) -> torch.Tensor:
+    """The chunked fused operator as one operator: torch.compile calls it as it is, because its chunk loop unrolled
+    into a static graph keeps inductor compiling for minutes (benchmarks/RESULTS.md, compiled vs eager)."""
+    return _fused_forward(query, key, value, rpb, scale, _Map(_geometry(query, kernel_size, dilation, tile),
+                                                              query.device))
+
+
+@_fused_op.register_fake
+def _fused_op_shape(query, key, value, rpb, scale, kernel_size, dilation, tile) -> torch.Tensor:
+    return query.new_empty(query.shape)  # contiguous, as _fused_forward returns it
+
+
+@torch.library.custom_op('zoo::na2d_blocked_backward', mutates_args=())
+def _fused_backward_op(grad: torch.Tensor, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                       rpb: Optional[torch.Tensor], scale: float, kernel_size: int, dilation: int, tile: Optional[int],
+                       rpb_grad: bool) -> List[torch.Tensor]:
+    """[d query, d key, d value] (+ [d rpb] when rpb_grad) of `_fused_op`, recomputing each chunk's probabilities."""
+    plan = _Map(_geometry(query, kernel_size, dilation, tile), query.device)
+    grads = _fused_backward(query, key, value, rpb, scale, plan, grad, rpb_grad)
+    return list(grads[:3]) + ([grads[3]] if rpb_grad else [])
+
+
+@_fused_backward_op.register_fake
+def _fused_backward_op_shapes(grad, query, key, value, rpb, scale, kernel_size, dilation, tile,
+                              rpb_grad) -> List[torch.Tensor]:
+    return [t.new_empty(t.shape) for t in (query, key, value, *((rpb,) if rpb_grad else ()))]
+
+
+def _save_fused_inputs(ctx, inputs, output) -> None:
+    query, key, value, rpb, *settings = inputs
+    ctx.save_for_backward(query, key, value, rpb)
+    ctx.settings = settings
+
+
+def _fused_op_backward(ctx, grad):
+    """Training saves only q, k, v and rpb: the backward operator recomputes the probabilities chunk by chunk."""
+    query, key, value, rpb = ctx.saved_tensors
+    rpb_grad = rpb is not None and ctx.needs_input_grad[3]
+    grads = _fused_backward_op(grad, query, key, value, rpb, *ctx.settings, rpb_grad)
+    return *grads[:3], grads[3] if rpb_grad else None, None, None, None, None
+
+
+_fused_op.register_autograd(_fused_op_backward, setup_context=_save_fused_inputs)
+
+
 def neighborhood_attention_2d(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, kernel_size: int,
                               dilation: int, rpb: Optional[torch.Tensor], scale: float,
                               tile: Optional[int] = None) -> torch.Tensor:
@@ -383,12 +413,14 @@ def neighborhood_attention_2d(query: torch.Tensor, key: torch.Tensor, value: tor
 
     query, key, value: (B, heads, H, W, d), already checked by the caller; rpb: (heads, 2k-1, 2k-1) or None;
     tile: query tile edge T (default: `default_tile` of each axis). Returns (B, heads, H, W, d).
-    While a graph is captured the same ops run as one chunk under autograd (no custom backward in the graph).
+    Eager calls and torch.compile run the chunked operator `zoo::na2d_blocked` (its backward recomputes the
+    probabilities). An exported or traced graph holds the same ops as one chunk under autograd instead: a program
+    for other runtimes (ONNX) cannot call a zoo operator.
     """
-    geometry = _geometry(query, kernel_size, dilation, tile)
-    if capturing_graph():
-        return _fused_forward(query, key, value, rpb, scale, _Map(geometry, query.device))
-    return _FusedAttention.apply(query, key, value, rpb, scale, geometry)
+    if torch.compiler.is_exporting() or torch.jit.is_tracing():
+        return _fused_forward(query, key, value, rpb, scale, _Map(_geometry(query, kernel_size, dilation, tile),
+                                                                  query.device))
+    return _fused_op(query, key, value, rpb, scale, kernel_size, dilation, tile)
 
 
 def na2d_qk(query: torch.Tensor, key: torch.Tensor, kernel_size: int, dilation: int, rpb: Optional[torch.Tensor],
