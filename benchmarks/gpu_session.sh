@@ -34,8 +34,8 @@ step() {  # step NAME SECONDS COMMAND...: run with a limit, log it, remember a f
     [ $rc -eq 0 ] || status=1
 }
 run_kernel_tests() {
-    step kernel-tests 80 python3 -m pytest -q -x -p no:cacheprovider tests/test_na2d_triton.py tests/test_halo_triton.py \
-        tests/test_aggregated_triton.py
+    step kernel-tests 80 python3 -m pytest -q -x -p no:cacheprovider tests/layers/test_na2d_triton.py \
+        tests/layers/test_halo_triton.py tests/layers/test_aggregated_triton.py
 }
 run_halo() { step halo 60 python3 benchmarks/halo_gpu.py --json "$OUT/halo_gpu.json" "${HALO_ARGS[@]}"; }
 run_aggregated() {

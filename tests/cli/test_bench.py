@@ -1,8 +1,11 @@
 """zoo.bench in-process on a tiny timm model: eval and training-step throughput beside several baselines, and the
 torch.compile switch."""
+import re
+
 import pytest
 import torch
 
+from conftest import REPO
 from zoo import bench
 
 TINY = dict(batch_sizes=(2,), img_size=32, device='cpu', warmup=0, min_iters=1, min_seconds=0.0, isolate=False)
@@ -35,3 +38,12 @@ def test_compile_wraps_each_measured_model(monkeypatch):
     monkeypatch.setattr(torch, 'compile', lambda model: compiled.append(type(model).__name__) or model)
     results = bench.benchmark_models(['test_vit'], baseline=None, compile=True, **TINY)
     assert compiled == ['VisionTransformer'] and results[0].compiled and results[0].mode == 'eval'
+
+
+def test_the_gpu_session_script_runs_only_files_that_exist():
+    """benchmarks/gpu_session.sh runs on a lent GPU whose minutes are scarce: a test file or benchmark it names that
+    has moved would cost a session (it did once, when the tests moved into folders)."""
+    script = (REPO / 'benchmarks' / 'gpu_session.sh').read_text()
+    named = set(re.findall(r'\b((?:tests|benchmarks)/[\w/]+\.py)\b', script))
+    assert {'tests/layers/test_na2d_triton.py', 'benchmarks/models_gpu.py'} <= named
+    assert sorted(path for path in named if not (REPO / path).is_file()) == []
