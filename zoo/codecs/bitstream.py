@@ -31,7 +31,7 @@ import struct
 import zlib
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Iterator, List, Sequence, Tuple
+from typing import Dict, Iterator, List, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -40,7 +40,8 @@ import torch.nn.functional as F
 from zoo.layers.entropy_tables import refresh_tables, tables_crc
 
 __all__ = ['BitstreamError', 'BitstreamHeader', 'compress_image', 'decompress_image', 'read_header',
-           'reconstruct_image', 'to_uint8', 'check_rgb', 'padded_input', 'MAGIC', 'FORMAT_VERSION', 'MAX_PIXELS']
+           'reconstruct_image', 'forward_reconstruction', 'to_uint8', 'check_rgb', 'padded_input', 'MAGIC',
+           'FORMAT_VERSION', 'MAX_PIXELS']
 
 MAGIC = b'ZLIC'
 FORMAT_VERSION = 1
@@ -316,11 +317,16 @@ def decompress_image(codec: nn.Module, data: bytes, model_name: str) -> torch.Te
     return to_uint8(x_hat[0, :, :header.height, :header.width]).cpu()
 
 
-def reconstruct_image(codec: nn.Module, image: torch.Tensor) -> torch.Tensor:
-    """The eval-mode forward() reconstruction of (3, H, W) uint8 -> (3, H, W) uint8 on the CPU, with the same
-    padding, cropping and rounding as compress_image/decompress_image."""
+def forward_reconstruction(codec: nn.Module, image: torch.Tensor) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+    """One eval-mode forward() of (3, H, W) uint8, with the same padding, cropping, rounding and numerics as
+    compress_image/decompress_image -> (reconstruction (3, H, W) uint8 on the CPU, the forward's likelihoods)."""
     check_rgb(image)
     refresh_tables(codec)
     with _coding_mode(codec):
-        x_hat = codec(padded_input(codec, image))['x_hat']
-    return to_uint8(x_hat[0, :, :image.shape[1], :image.shape[2]]).cpu()
+        out = codec(padded_input(codec, image))
+    return to_uint8(out['x_hat'][0, :, :image.shape[1], :image.shape[2]]).cpu(), out['likelihoods']
+
+
+def reconstruct_image(codec: nn.Module, image: torch.Tensor) -> torch.Tensor:
+    """The eval-mode forward() reconstruction of (3, H, W) uint8 -> (3, H, W) uint8 (`forward_reconstruction`)."""
+    return forward_reconstruction(codec, image)[0]

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from pytorch_msssim import ms_ssim
 
-from zoo.codecs.bitstream import compress_image, decompress_image, padded_input, reconstruct_image
+from zoo.codecs.bitstream import compress_image, decompress_image, forward_reconstruction
 
 __all__ = ['MS_SSIM_MIN_SIDE', 'METRICS', 'psnr_uint8', 'ms_ssim_uint8', 'bits_per_pixel', 'estimated_bpp',
            'measure', 'rd_point', 'evaluate_codec']
@@ -91,19 +91,6 @@ def estimated_bpp(likelihoods: Dict[str, torch.Tensor], num_pixels: int) -> torc
     return sum(torch.log2(p).sum() for p in likelihoods.values()) / -num_pixels
 
 
-def _estimated_bpp(codec, image: torch.Tensor) -> float:
-    """The rate the entropy model predicts for (3, H, W) uint8 in the eval-mode forward, reported beside the real
-    bpp because the two differ (CompressAI issue #236)."""
-    was_training = codec.training
-    codec.eval()
-    try:
-        with torch.inference_mode():
-            likelihoods = codec(padded_input(codec, image))['likelihoods']
-    finally:
-        codec.train(was_training)
-    return estimated_bpp(likelihoods, image.shape[1] * image.shape[2]).item()
-
-
 def evaluate_codec(codec, model_name: str, quality: int, images: Mapping[str, torch.Tensor]) -> dict:
     """One RD point of a learned codec through real bitstreams (zoo.codecs.bitstream).
 
@@ -113,17 +100,20 @@ def evaluate_codec(codec, model_name: str, quality: int, images: Mapping[str, to
         images: {name: (3, H, W) uint8 RGB}.
     Returns:
         the averaged METRICS and 'bpp_estimated' (entropy-model estimate), 'quality', 'per_image' records, and per
-        image 'decode_matches_forward' / 'max_abs_diff_vs_forward': whether the decoded pixels equal
-        `reconstruct_image` (the eval-mode forward reconstruction); 'decode_matches_forward' at the top is True when
-        it holds for every image. It holds by design for codecs whose forward quantises like compress (S2LIC,
+        image 'decode_matches_forward' / 'max_abs_diff_vs_forward': whether the decoded pixels equal the eval-mode
+        forward reconstruction (`forward_reconstruction`); 'decode_matches_forward' at the top is True when it holds
+        for every image. It holds by design for codecs whose forward quantises like compress (S2LIC,
         hyperprior models), not for CompressAI's autoregressive mbt2018/cheng2020, so it is recorded, not enforced.
     """
     per_image = {}
     for key, image in images.items():
         record, decoded = measure(image, lambda x: compress_image(codec, x, model_name, quality),
                                   lambda data: decompress_image(codec, data, model_name))
-        difference = (decoded.int() - reconstruct_image(codec, image).int()).abs().max().item()
-        per_image[key] = dict(record, bpp_estimated=_estimated_bpp(codec, image),
+        # one forward gives the reconstruction decoding should equal and the entropy model's own rate estimate,
+        # reported beside the real bpp because the two differ (CompressAI issue #236)
+        reconstructed, likelihoods = forward_reconstruction(codec, image)
+        difference = (decoded.int() - reconstructed.int()).abs().max().item()
+        per_image[key] = dict(record, bpp_estimated=estimated_bpp(likelihoods, image.shape[1] * image.shape[2]).item(),
                               decode_matches_forward=difference == 0, max_abs_diff_vs_forward=difference)
     point = rd_point(per_image)
     point['bpp_estimated'] = _mean([r['bpp_estimated'] for r in per_image.values()])
