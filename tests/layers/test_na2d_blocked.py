@@ -72,7 +72,7 @@ def test_chunks_equal_reference_forward_and_backward(monkeypatch, chunk, height,
     monkeypatch.setattr(na2d_blocked, 'CHUNK_LOGITS', chunk)
     q, k, v, rpb = _inputs(height, width, kernel_size, with_rpb=True)
     q, k, v = (torch.cat([t, 2 * t, -t]) for t in (q, k, v))  # three images: several chunks of whole images
-    chunks = list(na2d_blocked._Map(na2d_blocked._geometry(q, kernel_size, dilation, 3), q.device).bands(3, 2))
+    chunks = list(na2d_blocked._plan(q, kernel_size, dilation, 3).bands(3, 2))
     assert len(chunks) > 1
     got, expected = (_value_and_grads(lambda q, k, v, b: fn(q, k, v, kernel_size, dilation, b, 0.7), q, k, v, rpb)
                      for fn in (lambda *a: na2d_blocked.neighborhood_attention_2d(*a, tile=3),

@@ -258,9 +258,9 @@ class _Map:
                 yield slice(image, image + 1), slice(start, start + band)
 
 
-def _geometry(x: torch.Tensor, kernel_size: int, dilation: int, tile: Optional[int]) -> _Geometry:
-    """The tiling geometry of x's (B, heads, H, W, d) map."""
-    return _Geometry(x.shape[2], x.shape[3], kernel_size, dilation, tile)
+def _plan(x: torch.Tensor, kernel_size: int, dilation: int, tile: Optional[int]) -> _Map:
+    """The tiling tables of x's (B, heads, H, W, d) map, on x's device."""
+    return _Map(_Geometry(x.shape[2], x.shape[3], kernel_size, dilation, tile), x.device)
 
 
 def _flat_rows(index: torch.Tensor, images: int, heads: int, length: int) -> torch.Tensor:
@@ -364,8 +364,7 @@ def _fused_op(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, rpb: 
               kernel_size: int, dilation: int, tile: Optional[int]) -> torch.Tensor:
     """The chunked fused operator as one operator: torch.compile calls it as it is, because its chunk loop unrolled
     into a static graph keeps inductor compiling for minutes (benchmarks/RESULTS.md, compiled vs eager)."""
-    return _fused_forward(query, key, value, rpb, scale, _Map(_geometry(query, kernel_size, dilation, tile),
-                                                              query.device))
+    return _fused_forward(query, key, value, rpb, scale, _plan(query, kernel_size, dilation, tile))
 
 
 @_fused_op.register_fake
@@ -378,8 +377,7 @@ def _fused_backward_op(grad: torch.Tensor, query: torch.Tensor, key: torch.Tenso
                        rpb: Optional[torch.Tensor], scale: float, kernel_size: int, dilation: int, tile: Optional[int],
                        rpb_grad: bool) -> List[torch.Tensor]:
     """[d query, d key, d value] (+ [d rpb] when rpb_grad) of `_fused_op`, recomputing each chunk's probabilities."""
-    plan = _Map(_geometry(query, kernel_size, dilation, tile), query.device)
-    grads = _fused_backward(query, key, value, rpb, scale, plan, grad, rpb_grad)
+    grads = _fused_backward(query, key, value, rpb, scale, _plan(query, kernel_size, dilation, tile), grad, rpb_grad)
     return list(grads[:3]) + ([grads[3]] if rpb_grad else [])
 
 
@@ -418,16 +416,14 @@ def neighborhood_attention_2d(query: torch.Tensor, key: torch.Tensor, value: tor
     for other runtimes (ONNX) cannot call a zoo operator.
     """
     if torch.compiler.is_exporting() or torch.jit.is_tracing():
-        return _fused_forward(query, key, value, rpb, scale, _Map(_geometry(query, kernel_size, dilation, tile),
-                                                                  query.device))
+        return _fused_forward(query, key, value, rpb, scale, _plan(query, kernel_size, dilation, tile))
     return _fused_op(query, key, value, rpb, scale, kernel_size, dilation, tile)
 
 
 def na2d_qk(query: torch.Tensor, key: torch.Tensor, kernel_size: int, dilation: int, rpb: Optional[torch.Tensor],
             tile: Optional[int] = None) -> torch.Tensor:
     """The reference's na2d_qk: (B, heads, H, W, d) twice -> (B, heads, H, W, k*k) logits (+ rpb)."""
-    geometry = _geometry(query, kernel_size, dilation, tile)
-    plan, every = _Map(geometry, query.device), slice(0, None)
+    plan, every = _plan(query, kernel_size, dilation, tile), slice(0, None)
     count = plan.num_tiles
     query_tiles = _gather(_map_rows(query), plan.queries(every)[0], count)
     logits = torch.matmul(query_tiles, _gather(_map_rows(key), plan.keys(every), count).transpose(-1, -2))
@@ -435,7 +431,7 @@ def na2d_qk(query: torch.Tensor, key: torch.Tensor, kernel_size: int, dilation: 
     out = _gather(window.flatten(2, 3), plan.inverse(), 1).view(*query.shape[:4], -1)
     if rpb is None:
         return out
-    index = rpb_index(*geometry[:4], rpb.device)
+    index = rpb_index(*plan.geometry[:4], rpb.device)
     return out + rpb.flatten(1)[:, index].flatten(-2).to(out.dtype)
 
 
@@ -445,8 +441,7 @@ def na2d_av(attn: torch.Tensor, value: torch.Tensor, kernel_size: int, dilation:
 
     Each tile's weights are spread over its key block (zeros outside the windows), then one matmul per tile.
     """
-    geometry = _geometry(value, kernel_size, dilation, tile)
-    plan, every = _Map(geometry, value.device), slice(0, None)
+    plan, every = _plan(value, kernel_size, dilation, tile), slice(0, None)
     count = plan.num_tiles
     weights = _gather(_map_rows(attn), plan.queries(every)[0], count)  # (B, heads, n, Tq, k*k)
     blocks = weights.new_zeros(*weights.shape[:-1], plan.block_keys)
