@@ -16,7 +16,7 @@ from zoo import bench
 from zoo.manifest import MANIFEST_PATH, load_manifest, model_stats, official_entry, verify_listed_checkpoint
 from zoo.progress import quiet
 from zoo.tasks import TASK_NAMES, check_paths, get_task, load_recipe, task_of_artifact
-from zoo.tasks.inference import add_inference_arguments, add_task_eval_arguments, write_results
+from zoo.tasks.inference import add_inference_arguments, add_task_eval_arguments, output_file, write_results
 
 
 def _params_m(name: str) -> float:
@@ -418,7 +418,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--batch-size', type=int, default=None,
                    help="default: 128 (classification), 8 (detection), the recipe's (segmentation)")
     p.add_argument('--workers', type=int, default=2)
-    p.add_argument('--results-file', '--json', dest='results_file', default=None,
+    p.add_argument('--results-file', '--json', dest='results_file', default=None, type=output_file('.json', '.csv'),
                    help='also write the metrics to this file: .json, or .csv (one row, like timm validate.py)')
     add_inference_arguments(p)
     add_task_eval_arguments(p)
@@ -459,7 +459,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--train', action='store_true',
                    help='time a training step (forward + backward, cross-entropy on random labels) instead of eval')
     p.add_argument('--compile', action='store_true', help='wrap every model in torch.compile (warm-up compiles)')
-    p.add_argument('--json', default=None, help='also write the results as JSON to this file')
+    p.add_argument('--json', default=None, type=output_file('.json'),
+                   help='also write the results as JSON to this file')
     p.set_defaults(func=cmd_bench)
     return parser
 

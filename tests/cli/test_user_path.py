@@ -79,6 +79,21 @@ def test_results_file_must_be_json_or_csv(tmp_path):
         write_results({'top1': 1.0}, str(tmp_path / 'out.txt'))
 
 
+@pytest.mark.parametrize('argv,problem', [
+    (_eval_shapes('--results-file', 'out.txt'), 'out.txt: use a .json or .csv file name'),
+    (['bench', '--model', 'nat_mini', '--json', 'bench.csv'], 'bench.csv: use a .json file name'),
+    (['eval', '--task', 'compression', '--checkpoint', 'codec.safetensors', '--data', 'photos', '--json', 'rd.json',
+      '--plot', 'rd.txt'], 'rd.txt: use a .png, .pdf or .svg file name'),
+])
+def test_an_output_file_name_is_refused_before_any_work(argv, problem, capsys):
+    """A results file the command could not write would lose the evaluation (minutes on ImageNet-val): its name is
+    checked when the command starts, and nothing runs."""
+    with pytest.raises(SystemExit) as stop:
+        main(argv)
+    captured = capsys.readouterr()
+    assert stop.value.code == 2 and problem in captured.err and captured.out == ''
+
+
 @pytest.mark.parametrize('flags,problem', [(['--img-size', '0'], '--img-size must be positive'),
                                            (['--crop-pct', '1.5'], '--crop-pct must be in')])
 def test_bad_eval_sizes_are_refused(flags, problem, capsys):

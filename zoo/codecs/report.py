@@ -133,6 +133,7 @@ def plot_rd(curves: Sequence[dict], path: str, title: str = '', references: Mapp
         axis.legend(fontsize=7)
     figure.suptitle(f'{title}\ngrey: {reference_note}' if references else title, fontsize=9)
     figure.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=120)
 
 

@@ -11,14 +11,15 @@ import io
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ContextManager, Dict, Optional
+from typing import Any, Callable, ContextManager, Dict, Optional
 
 import torch
 import torch.nn as nn
 
 from zoo.files import atomic_write_bytes
 
-__all__ = ['Inference', 'resolve_device', 'add_inference_arguments', 'add_task_eval_arguments', 'write_results',
+__all__ = ['Inference', 'resolve_device', 'add_inference_arguments', 'add_task_eval_arguments', 'output_file',
+           'write_results',
            'AMP_DTYPES']
 
 AMP_DTYPES = {'float16': torch.float16, 'bfloat16': torch.bfloat16}
@@ -132,7 +133,20 @@ def add_task_eval_arguments(parser: argparse.ArgumentParser) -> None:
                             'when measured, else the baseline, else the first model)')
     group.add_argument('--classic', nargs='*', default=['jpeg', 'webp', 'avif', 'jpeg2000'],
                        help='Pillow codecs measured on the same images (none: --classic with no value)')
-    group.add_argument('--plot', default=None, help='write the RD plot to this PNG')
+    group.add_argument('--plot', default=None, type=output_file('.png', '.pdf', '.svg'),
+                       help='write the RD plot to this PNG (or PDF, SVG)')
+
+
+def output_file(*suffixes: str) -> Callable[[str], str]:
+    """An argparse `type` for a file a command writes when its work is done: a name without one of `suffixes`
+    (lower-case, with the dot) is refused when the command starts, not after an evaluation of minutes."""
+    names = ' or '.join(filter(None, (', '.join(suffixes[:-1]), suffixes[-1])))
+
+    def check(path: str) -> str:
+        if Path(path).suffix.lower() not in suffixes:
+            raise argparse.ArgumentTypeError(f'{path}: use a {names} file name')
+        return path
+    return check
 
 
 def write_results(metrics: Dict[str, Any], path: str) -> None:
