@@ -271,11 +271,16 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from zoo.tasks.inference import Inference
     inference = Inference.from_args(args)
     model = load_model(args.checkpoint, args.model, args.num_classes)
-    for path, top in zip(args.images, predict(model, args.images, args.top_k, inference)):
+    unreadable = 0
+    for path, top, problem in predict(model, args.images, args.top_k, inference):
+        if problem:
+            print(f'zoo predict: error: {problem}', file=sys.stderr)
+            unreadable += 1
+            continue
         print(path)
         for label, prob in top:
             print(f'  {prob:7.2%}  {label}')
-    return 0
+    return 2 if unreadable else 0
 
 
 def _gqa_kwargs(args: argparse.Namespace) -> dict:

@@ -122,6 +122,26 @@ def test_predict_runs_under_amp_and_channels_last(tmp_path, capsys):
     assert capsys.readouterr().out.split()[-1] == plain
 
 
+def test_predict_names_each_unreadable_file_and_goes_on(tmp_path, capsys):
+    """One damaged file among many costs its own prediction only: the others are printed, every unreadable file is
+    named on standard error, and the exit status says that some failed."""
+    from zoo.data.shapes import ShapesClassification
+    good = []
+    for index in range(2):
+        good.append(tmp_path / f'shape{index}.png')
+        ShapesClassification(2, img_size=64, num_classes=10, split='val')[index][0].save(good[-1])
+    damaged = tmp_path / 'damaged.jpg'
+    damaged.write_bytes(good[0].read_bytes()[:60])
+    missing = tmp_path / 'missing.png'
+    argv = ['predict', str(good[0]), str(damaged), str(missing), str(good[1]), '--checkpoint', str(QUICKSTART_MODEL),
+            '--top-k', '1']
+    assert main(argv) == 2
+    captured = capsys.readouterr()
+    assert [line for line in captured.out.splitlines() if not line.startswith(' ')] == [str(good[0]), str(good[1])]
+    errors = captured.err.splitlines()
+    assert len(errors) == 2 and str(damaged) in errors[0] and str(missing) in errors[1]
+
+
 def test_a_run_folder_is_not_overwritten_by_accident(tmp_path):
     run = tmp_path / 'run'
     (run / 'checkpoints').mkdir(parents=True)

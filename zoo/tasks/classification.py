@@ -7,7 +7,7 @@ import argparse
 import pickle
 import time
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, Iterator, List, Optional, Tuple
 
 import timm
 import torch
@@ -33,7 +33,11 @@ from zoo.tasks.phases import train_phases
 from zoo.tasks.protocol import Task, data_root
 
 __all__ = ['ClassificationModule', 'build_model', 'data_config', 'build_datasets', 'train', 'evaluate', 'predict',
-           'export_model', 'skip_unreadable_collate', 'load_model', 'label_names', 'folder_for_model', 'TASK']
+           'export_model', 'skip_unreadable_collate', 'load_model', 'label_names', 'folder_for_model', 'Prediction',
+           'TASK']
+
+# zoo predict's result for one file: (file, top-k (label, probability) or None, why the file could not be read)
+Prediction = Tuple[str, Optional[List[Tuple[str, float]]], Optional[str]]
 
 
 def skip_unreadable_collate(batch):
@@ -313,8 +317,9 @@ def label_names(model: nn.Module) -> Optional[List[str]]:
     return None
 
 
-def predict(model: nn.Module, images, top_k: int = 5, inference: Inference = Inference()):
-    """Top-k (label, probability) per image file; labels from the model's cfg, ImageNet names, or indices."""
+def predict(model: nn.Module, images, top_k: int = 5, inference: Inference = Inference()) -> Iterator[Prediction]:
+    """(file, top-k (label, probability), None) per image file as each is computed, labels from the model's cfg,
+    ImageNet names, or indices; (file, None, the reason) for a file that cannot be read, and the others go on."""
     names = model.pretrained_cfg.get('label_names')
     if not names and model.num_classes == 1000:
         from timm.data import ImageNetInfo
@@ -322,14 +327,17 @@ def predict(model: nn.Module, images, top_k: int = 5, inference: Inference = Inf
         names = [info.index_to_description(i) for i in range(1000)]
     transform = eval_transform(model)
     model = inference.prepare(model)
-    results = []
     for path in images:
-        batch = inference.images(transform(load_pil_rgb(path))[None])
+        try:
+            image = load_pil_rgb(path)
+        except ValueError as err:
+            yield str(path), None, str(err)
+            continue
+        batch = inference.images(transform(image)[None])
         with torch.no_grad(), inference.autocast():
             probs = model(batch).float().softmax(-1)[0].cpu()
         values, indices = probs.topk(min(top_k, model.num_classes))
-        results.append([(names[i] if names else str(i), float(p)) for p, i in zip(values, indices.tolist())])
-    return results
+        yield str(path), [(names[i] if names else str(i), float(p)) for p, i in zip(values, indices.tolist())], None
 
 
 def folder_for_model(root: str, model: nn.Module, transform=None) -> SafeImageFolder:
