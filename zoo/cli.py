@@ -2,7 +2,6 @@
 import argparse
 import fnmatch
 import json
-import re
 import sys
 import tempfile
 from pathlib import Path
@@ -294,27 +293,12 @@ def _gqa_kwargs(args: argparse.Namespace) -> dict:
     return dict(num_kv_heads=args.kv_heads)
 
 
-def _key_mismatch(message: str) -> str:
-    """torch's load_state_dict error (every key listed) -> counts and a few examples of each kind."""
-    parts = []
-    for kind in ('Missing key(s)', 'Unexpected key(s)', 'size mismatch'):
-        if kind == 'size mismatch':
-            names = re.findall(r'size mismatch for ([^:]+):', message)
-        else:
-            found = re.search(rf'{re.escape(kind)} in state_dict: (.*?)(?:\. \n|\.\s*$|\n\s)', message, re.S)
-            names = re.findall(r'"([^"]+)"', found.group(1)) if found else []
-        if names:
-            more = f' and {len(names) - 4} more' if len(names) > 4 else ''
-            parts.append(f'{kind}: {", ".join(names[:4])}{more}')
-    return '; '.join(parts) or message.splitlines()[0]
-
-
 def _training_checkpoint_weights(source: Path, out_dir: Path) -> Path:
     """The model weights of a `zoo train` checkpoint (Lightning: `model.`-prefixed entries, EMA copy when the run
     kept one) written as a plain safetensors file in `out_dir`; other files are returned unchanged."""
     if source.suffix != '.ckpt':
         return source
-    state = torch.load(str(source), map_location='cpu', weights_only=True)
+    state = zoo.models.read_checkpoint(source)
     weights = state.get('zoo_ema') if isinstance(state, dict) else None
     if weights is None and isinstance(state, dict) and isinstance(state.get('state_dict'), dict):
         weights = {k[len('model.'):]: v for k, v in state['state_dict'].items() if k.startswith('model.')}
@@ -337,20 +321,17 @@ def cmd_convert(args: argparse.Namespace) -> int:
         raise ValueError(f'unknown model {args.model!r} (see zoo list)')
     kwargs = {} if args.num_classes is None else dict(num_classes=args.num_classes)
     model_kwargs = dict(kwargs, **_gqa_kwargs(args))
+    from zoo.tasks.classification import create_with_weights
     with tempfile.TemporaryDirectory() as scratch:
         weights = _training_checkpoint_weights(source, Path(scratch))
         try:
-            model = timm.create_model(args.model, pretrained=True,
-                                      pretrained_cfg_overlay=dict(file=str(weights), **kwargs), **model_kwargs)
-        except TypeError as err:
+            model = create_with_weights(args.model, weights, source,
+                                        pretrained_cfg_overlay=dict(file=str(weights), **kwargs), **model_kwargs)
+        except ValueError as err:
             if 'num_kv_heads' not in str(err):
                 raise
             raise ValueError(f'--to-gqa needs a grouped-query model such as vit_small_patch16_224_gqa; {args.model} '
                              f'has no K/V heads to set') from None
-        except RuntimeError as err:
-            if 'Error(s) in loading state_dict' not in str(err):
-                raise
-            raise ValueError(f'{source} does not match {args.model}: {_key_mismatch(str(err))}') from None
     timm.models.save_for_hf(model, args.output, safe_serialization=True)
     print(f'wrote {Path(args.output) / "model.safetensors"} and config.json ({args.model}, '
           f'{sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters); load with '

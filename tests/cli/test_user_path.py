@@ -5,6 +5,7 @@ import json
 import warnings
 
 import pytest
+import timm
 import torch
 
 from conftest import REPO
@@ -140,6 +141,37 @@ def test_predict_names_each_unreadable_file_and_goes_on(tmp_path, capsys):
     assert [line for line in captured.out.splitlines() if not line.startswith(' ')] == [str(good[0]), str(good[1])]
     errors = captured.err.splitlines()
     assert len(errors) == 2 and str(damaged) in errors[0] and str(missing) in errors[1]
+
+
+def _files_that_are_not_weights(folder):
+    """A text file, JPEG bytes, and a torch file and a safetensors file cut in half, each under a weights name."""
+    text, image = folder / 'notes.pth', folder / 'photo.pth'
+    text.write_text('hello')
+    image.write_bytes(b'\xff\xd8\xff\xe0' + bytes(range(256)))
+    whole = folder / 'whole.pth'
+    torch.save(timm.create_model('nat_mini').state_dict(), whole)
+    cut_torch, cut_safetensors = folder / 'cut.pth', folder / 'cut.safetensors'
+    cut_torch.write_bytes(whole.read_bytes()[:whole.stat().st_size // 2])
+    weights = (QUICKSTART_MODEL / 'model.safetensors').read_bytes()
+    cut_safetensors.write_bytes(weights[:len(weights) // 2])
+    return [text, image, cut_torch, cut_safetensors]
+
+
+@pytest.mark.parametrize('command', ['eval', 'predict', 'convert'])
+def test_a_file_that_is_not_weights_is_one_clear_line(tmp_path, capsys, command):
+    """Every command that reads a weights file names a damaged or foreign one in one line (the unpickler fails on
+    such files with KeyError, IndexError or UnpicklingError, which timm wraps in a RuntimeError)."""
+    image = tmp_path / 'shape.png'
+    from zoo.data.shapes import ShapesClassification
+    ShapesClassification(1, img_size=64, num_classes=10, split='val')[0][0].save(image)
+    for junk in _files_that_are_not_weights(tmp_path):
+        argv = {'eval': ['eval', '--model', 'nat_mini', '--checkpoint', str(junk), '--data', 'shapes'],
+                'predict': ['predict', str(image), '--model', 'nat_mini', '--checkpoint', str(junk)],
+                'convert': ['convert', '--model', 'nat_mini', str(junk), str(tmp_path / 'out')]}[command]
+        assert main(argv) == 2, junk
+        errors = capsys.readouterr().err.strip().splitlines()
+        assert len(errors) == 1 and f'{junk}: not a readable weights file' in errors[0], errors
+    assert not (tmp_path / 'out').exists()
 
 
 def test_a_run_folder_is_not_overwritten_by_accident(tmp_path):

@@ -12,7 +12,7 @@ from typing import List
 import timm
 
 # checkpoint reading shared by the families' filters and the tasks (public here; the module is private)
-from zoo.models._checkpoint import read_state_dict, unwrap_state_dict  # noqa: F401
+from zoo.models._checkpoint import read_checkpoint, read_state_dict, unwrap_state_dict  # noqa: F401
 
 FAMILY_MODULES = tuple(sorted(info.name for info in pkgutil.iter_modules(__path__) if not info.name.startswith('_')))
 

@@ -4,16 +4,15 @@
 Private (leading underscore), so `zoo.models` does not take it for a family.
 """
 import argparse
-import pickle
+import re
 from pathlib import Path
 from typing import Any, Dict, Mapping, Union
 
 import torch
-from safetensors import SafetensorError
 from safetensors.torch import load_file
 from timm.models import clean_state_dict
 
-__all__ = ['WRAPPER_KEYS', 'unwrap_state_dict', 'read_state_dict']
+__all__ = ['WRAPPER_KEYS', 'unwrap_state_dict', 'read_state_dict', 'read_checkpoint']
 
 # Keys under which training scripts nest the weights, most preferred first. The first four are timm's
 # `load_state_dict` order with its default use_ema=True (timm train.py writes 'state_dict' / 'state_dict_ema',
@@ -51,12 +50,24 @@ def unwrap_state_dict(checkpoint: Mapping[str, Any], use_ema: bool = True) -> Di
 
 
 def read_state_dict(path: Union[str, Path], use_ema: bool = True) -> Dict[str, torch.Tensor]:
-    """The state dict of a weights file on disk: safetensors (by the `.safetensors` suffix) or a torch file read
-    with `weights_only=True`, which refuses pickled code (argparse.Namespace, plain data, is allowed); then
-    `unwrap_state_dict(..., use_ema)`, on the CPU.
+    """The state dict of a weights file on disk (`read_checkpoint`), then `unwrap_state_dict(..., use_ema)`.
 
     FileNotFoundError when there is no file; ValueError naming the file when it is truncated, not a weights
     file, pickles objects other than tensors and containers, or holds no state dict.
+    """
+    checkpoint = read_checkpoint(path)
+    try:
+        return unwrap_state_dict(checkpoint, use_ema)
+    except ValueError as error:
+        raise ValueError(f'{path}: {error}') from error
+
+
+def read_checkpoint(path: Union[str, Path]) -> Any:
+    """What a weights file on disk holds, on the CPU: safetensors (by the `.safetensors` suffix) or a torch file
+    read with `weights_only=True`, which refuses pickled code (argparse.Namespace, plain data, is allowed).
+
+    FileNotFoundError when there is no file; ValueError naming the file when it is truncated, not a weights file or
+    pickles objects other than tensors and containers.
     """
     path = Path(path)
     if not path.is_file():
@@ -70,11 +81,19 @@ def read_state_dict(path: Union[str, Path], use_ema: bool = True) -> Dict[str, t
                 checkpoint = torch.load(str(path), map_location='cpu', weights_only=True)
     except PermissionError:
         raise
-    except (SafetensorError, pickle.UnpicklingError, EOFError, RuntimeError, OSError, UnicodeDecodeError) as error:
-        # torch reports a truncated zip archive as OSError (EINVAL); an unreadable file stays a PermissionError
-        raise ValueError(f'{path}: not a readable weights file (truncated, another format, or pickled objects '
-                         f'that weights_only loading refuses): {error}') from error
-    try:
-        return unwrap_state_dict(checkpoint, use_ema)
-    except ValueError as error:
-        raise ValueError(f'{path}: {error}') from error
+    except Exception as error:  # noqa: BLE001
+        # a damaged or foreign file fails inside the readers in many ways (UnpicklingError, EOFError, KeyError and
+        # IndexError from the weights-only unpickler, SafetensorError, OSError for a truncated zip archive); each is
+        # this file's fault, told as one line. An unreadable file stays a PermissionError.
+        raise ValueError(_unreadable_message(path, error)) from error
+    return checkpoint
+
+
+def _unreadable_message(path: Union[str, Path], error: BaseException) -> str:
+    """The one-line message for a weights file a loader could not read. torch's refusal under weights_only is a
+    page of advice (including to load the file unsafely); only its WeightsUnpickler detail is the reason."""
+    text = str(error)
+    detail = re.search(r'WeightsUnpickler error:\s*(.+?)\s*(?:\n\n|$)', text, re.S)
+    reason = (detail.group(1) if detail else text).strip().splitlines()
+    return (f'{path}: not a readable weights file (truncated, another format, or pickled objects that weights_only '
+            f'loading refuses): {type(error).__name__}' + (f': {reason[0]}' if reason else ''))

@@ -5,6 +5,7 @@ built-in shapes set, transformed with timm's train/eval transforms.
 """
 import argparse
 import pickle
+import re
 import time
 from pathlib import Path
 from typing import Dict, Iterator, List, Optional, Tuple
@@ -23,6 +24,7 @@ from zoo.data.images import load_pil_rgb
 from zoo.data.shapes import ShapesClassification
 from zoo.data.transforms import randaugment_square_transform
 from zoo.manifest import verify_listed_checkpoint
+from zoo.models import read_checkpoint
 from zoo.progress import track
 from zoo.recipes import Recipe
 from zoo.tasks.artifact import CONFIG_FILE, WEIGHTS_FILE, read_config
@@ -33,8 +35,8 @@ from zoo.tasks.phases import train_phases
 from zoo.tasks.protocol import Task, data_root
 
 __all__ = ['ClassificationModule', 'build_model', 'data_config', 'build_datasets', 'train', 'evaluate', 'predict',
-           'export_model', 'skip_unreadable_collate', 'load_model', 'label_names', 'folder_for_model', 'Prediction',
-           'TASK']
+           'export_model', 'skip_unreadable_collate', 'load_model', 'label_names', 'folder_for_model',
+           'create_with_weights', 'Prediction', 'TASK']
 
 # zoo predict's result for one file: (file, top-k (label, probability) or None, why the file could not be read)
 Prediction = Tuple[str, Optional[List[Tuple[str, float]]], Optional[str]]
@@ -401,7 +403,7 @@ def load_model(checkpoint: Optional[str], model_name: Optional[str], num_classes
         verify_listed_checkpoint(path)
     if path is not None and path.is_dir():
         _check_model_config(path)
-        return _read_weights_through_timm(path / WEIGHTS_FILE, f'local-dir:{path}', pretrained=True)
+        return create_with_weights(f'local-dir:{path}', path / WEIGHTS_FILE)
     if not model_name:
         raise ValueError('--model is required unless --checkpoint is a model folder (config.json + weights)')
     if not timm.is_model(model_name):
@@ -410,8 +412,7 @@ def load_model(checkpoint: Optional[str], model_name: Optional[str], num_classes
         raise ValueError(f'--checkpoint is required: {model_name} without weights has a randomly initialised head and '
                          f'body (official weights: zoo list --pretrained; a run of zoo train: RUN/model)')
     kwargs = {} if num_classes is None else dict(num_classes=num_classes)
-    return _read_weights_through_timm(path, model_name, pretrained=True,
-                                      pretrained_cfg_overlay=dict(file=str(path), **kwargs), **kwargs)
+    return create_with_weights(model_name, path, pretrained_cfg_overlay=dict(file=str(path), **kwargs), **kwargs)
 
 
 def _check_model_config(folder: Path) -> None:
@@ -425,20 +426,48 @@ def _check_model_config(folder: Path) -> None:
             raise ValueError(f'{folder / CONFIG_FILE}: "{key}" must be a JSON object, got {config[key]!r:.80}')
 
 
-def _read_weights_through_timm(weights: Path, name: str, **kwargs) -> nn.Module:
-    """timm.create_model(name, **kwargs), whose weights file `weights` may be damaged: its reader's errors become one
-    ValueError naming the file (the pretrained-file path never unpickles code: timm loads with weights_only)."""
+_READER_ERRORS = (SafetensorError, EOFError, pickle.UnpicklingError)
+
+
+def create_with_weights(name: str, weights: Path, source: Optional[Path] = None, **kwargs) -> nn.Module:
+    """timm.create_model(name, pretrained=True, **kwargs), reading the weights file `weights` (`source`, default
+    `weights`, is the file errors name), which may be damaged or another model's. The pretrained-file path never
+    unpickles code: timm loads with weights_only.
+
+    Raises:
+        ValueError: one line naming the file when it cannot be read (checked again by `read_checkpoint` when
+            anything fails: a damaged file surfaces as many kinds of error inside the loaders), a summary of a key
+            mismatch (counts and a few names, not torch's list of every key), or a configuration timm cannot build.
+    """
+    source = source or weights
     try:
-        return timm.create_model(name, **kwargs)
-    except (SafetensorError, EOFError, pickle.UnpicklingError) as err:
-        raise ValueError(f'{weights}: not a readable weights file (truncated or corrupt?): {err}') from None
-    except (TypeError, KeyError, AttributeError, AssertionError) as err:  # a configuration timm cannot build
+        return timm.create_model(name, pretrained=True, **kwargs)
+    except (*_READER_ERRORS, TypeError, KeyError, AttributeError, AssertionError, RuntimeError) as err:
+        try:
+            read_checkpoint(weights)
+        except ValueError as damaged:
+            raise ValueError(str(damaged).replace(str(weights), str(source), 1)) from None
+        if isinstance(err, RuntimeError) and 'Error(s) in loading state_dict' in str(err):
+            raise ValueError(f'{source} does not match {name}: {_key_mismatch(str(err))}') from None
+        if isinstance(err, (RuntimeError, *_READER_ERRORS)):
+            raise
         raise ValueError(f'{name}: the model cannot be built with the configuration given ({type(err).__name__}: '
                          f'{err})') from None
-    except RuntimeError as err:
-        if 'PytorchStreamReader' not in str(err) and 'Error(s) in loading state_dict' not in str(err):
-            raise
-        raise ValueError(f'{weights} does not load into {name}: {err}') from None
+
+
+def _key_mismatch(message: str) -> str:
+    """torch's load_state_dict error (every key listed) -> counts and a few examples of each kind."""
+    parts = []
+    for kind in ('Missing key(s)', 'Unexpected key(s)', 'size mismatch'):
+        if kind == 'size mismatch':
+            names = re.findall(r'size mismatch for ([^:]+):', message)
+        else:
+            found = re.search(rf'{re.escape(kind)} in state_dict: (.*?)(?:\. \n|\.\s*$|\n\s)', message, re.S)
+            names = re.findall(r'"([^"]+)"', found.group(1)) if found else []
+        if names:
+            more = f' and {len(names) - 4} more' if len(names) > 4 else ''
+            parts.append(f'{kind}: {", ".join(names[:4])}{more}')
+    return '; '.join(parts) or message.splitlines()[0]
 
 
 def _evaluate_command(args: argparse.Namespace) -> Dict:
