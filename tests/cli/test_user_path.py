@@ -227,6 +227,18 @@ def test_dry_run_finds_what_would_fail_later(setting, problem, capsys):
     assert problem in capsys.readouterr().err
 
 
+def test_a_damaged_weights_file_in_a_recipe_fails_before_the_run_folder_exists(tmp_path, capsys):
+    """zoo train (and --dry-run) reads the recipe's weights files before anything is set up: a damaged one is one
+    line naming the key and the file, and no run folder is claimed."""
+    recipe = str(REPO / 'recipes' / 'classification' / 'quickstart.yaml')
+    for junk in _files_that_are_not_weights(tmp_path):
+        for flags in (['--dry-run'], ['--output', str(tmp_path / 'run')]):
+            assert main(['train', recipe, '--set', f'model.checkpoint={junk}', *flags]) == 2
+            errors = capsys.readouterr().err.strip().splitlines()
+            assert len(errors) == 1 and f'model.checkpoint: {junk}: not a readable weights file' in errors[0], errors
+    assert not (tmp_path / 'run').exists()
+
+
 def test_dry_run_checks_every_phase_and_the_teacher(capsys):
     recipe = str(REPO / 'recipes' / 'classification' / 'sparsifiner' / 'sparsifiner_deit_small_in1k.yaml')
     assert main(['train', recipe, '--dry-run']) == 2

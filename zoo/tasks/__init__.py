@@ -7,6 +7,7 @@ import importlib
 from pathlib import Path
 from typing import Sequence, Union
 
+from zoo.models import read_checkpoint
 from zoo.recipes import Recipe, RecipeError, read_recipe_tree, recipe_from_dict
 from zoo.tasks.artifact import artifact_metadata
 from zoo.tasks.protocol import Task
@@ -41,22 +42,29 @@ def load_recipe(path: Union[str, Path], overrides: Sequence[str] = (), check_mod
 
 
 def check_paths(recipe: Recipe) -> None:
-    """Every file and folder the recipe reads exists: model and teacher checkpoints and the task's data (of every
-    phase). `zoo train` checks this first (and --dry-run with it), so a mistyped path fails before minutes of set-up.
+    """Every file and folder the recipe reads exists, and its weights files can be read: model and teacher
+    checkpoints and the task's data (of every phase). `zoo train` checks this first (and --dry-run with it), so a
+    mistyped path or a damaged file fails before minutes of set-up.
 
     Raises:
-        RecipeError: naming each missing path and the key it comes from.
+        RecipeError: naming each missing path or unreadable weights file and the key it comes from.
     """
     from zoo.tasks.phases import phase_recipes  # phases import this package
     task = get_task(recipe.task)
-    missing = []
+    missing, weights = [], []
     for stage in phase_recipes(recipe) if recipe.phases else [recipe]:
-        wanted = [('model.checkpoint', stage.model.checkpoint),
-                  ('loss.distill.checkpoint', (stage.loss.distill or {}).get('checkpoint')),
-                  *(('data', path) for path in task.data_paths(stage))]
+        stage_weights = [('model.checkpoint', stage.model.checkpoint),
+                         ('loss.distill.checkpoint', (stage.loss.distill or {}).get('checkpoint'))]
+        wanted = [*stage_weights, *(('data', path) for path in task.data_paths(stage))]
         missing += [f'{key}: {path}' for key, path in wanted if path and not Path(path).exists()]
+        weights += [(key, path) for key, path in stage_weights if path and Path(path).is_file()]
     if missing:
         raise RecipeError(f'{recipe.path}: not found: {"; ".join(dict.fromkeys(missing))}')
+    for key, path in dict.fromkeys(weights):
+        try:
+            read_checkpoint(path)
+        except ValueError as err:
+            raise RecipeError(f'{recipe.path}: {key}: {err}') from None
 
 
 def task_of_artifact(folder: Union[str, Path]) -> str:
