@@ -98,8 +98,10 @@ class ShapesSegmentation(Dataset):
 
 def _apply(transform, pixels: np.ndarray, labels: np.ndarray):
     """(H, W, 3) uint8 + (H, W) int64 -> transform(image (3, H, W) float in [0, 1], mask (H, W) int64)."""
-    image = torch.from_numpy(np.ascontiguousarray(pixels)).permute(2, 0, 1).float() / 255
-    mask = torch.from_numpy(np.ascontiguousarray(labels))
+    # copies: the arrays may be read-only views (decoded files) or the dataset's cache, which a transform must not
+    # change in place
+    image = torch.tensor(pixels).permute(2, 0, 1).float() / 255
+    mask = torch.tensor(labels)
     return transform(image, mask) if transform else (image, mask)
 
 
