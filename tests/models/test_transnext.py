@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 
 import zoo  # noqa: F401  (registers the models)
 from conftest import fixtures_path, fixtures_root
-from zoo.layers import aggregated_attn
+from zoo.layers import aggregated_attn, convglu
 from zoo.layers.aggregated_attn import relative_coords_cpb, window_av, window_length_scale, window_qk
 from zoo.layers.window_geometry import row_bands
 from zoo.models.transnext import checkpoint_filter_fn
@@ -186,3 +186,28 @@ def test_query_bands_give_the_one_band_result(monkeypatch, attention):
     banded = run()
     for got, expected in zip(banded, whole):
         torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize('rows_per_band', [1, 2, 4])
+def test_convglu_bands_give_the_one_piece_result(monkeypatch, rows_per_band):
+    """Without gradients ConvGLU runs image by image in bands of rows, each with a row of halo for its 3x3 conv, once
+    an image's hidden map exceeds the budget: any band height (one row, a last band shorter than the others) gives
+    the one-piece output. Maps within the budget, and any run with gradients, are one piece."""
+    torch.manual_seed(0)
+    mlp = convglu.ConvGLU(6, 12).double().eval()
+    x = torch.randn(2, 7, 5, 6, dtype=torch.float64)
+    calls = []
+    mlp.fc1.register_forward_hook(lambda module, args, out: calls.append(tuple(out.shape[:2])))
+    with torch.no_grad():
+        whole = mlp(x)
+    assert calls == [(2, 7)]
+    per_row = 5 * 2 * mlp.hidden_features  # width * the two fc1 branches
+    monkeypatch.setattr(convglu, 'BAND_ELEMENTS', per_row * rows_per_band)
+    bands = -(-7 // rows_per_band)
+    calls.clear()
+    with torch.no_grad():
+        torch.testing.assert_close(mlp(x), whole, rtol=0, atol=1e-12)
+    assert len(calls) == 2 * bands and all(images == 1 for images, _ in calls)
+    calls.clear()
+    mlp(x).sum().backward()
+    assert calls == [(2, 7)] and mlp.fc1.weight.grad is not None

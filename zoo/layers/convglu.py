@@ -4,7 +4,16 @@ from typing import Callable, Optional
 import torch
 import torch.nn as nn
 
-__all__ = ['ConvGLU', 'DepthwiseConv3x3']
+from .window_geometry import row_bands
+
+__all__ = ['ConvGLU', 'DepthwiseConv3x3', 'BAND_ELEMENTS']
+
+# Hidden activations per band of rows when no gradient is needed (16 MiB in float32). An image whose hidden map is
+# larger runs alone, in bands of rows: at 1024 x 1024 the first stage of TransNeXt-T/S holds 65,536 positions x 768
+# fc1 channels (192 MiB) otherwise, the largest tensor of the model (benchmarks/RESULTS.md, "Peak memory at 1024 x
+# 1024"). Smaller images (224 x 224: 2.4 M) run as before, whatever the batch. With gradients every band's
+# activations are kept for the backward anyway, so training runs in one piece.
+BAND_ELEMENTS = 1 << 22
 
 
 class DepthwiseConv3x3(nn.Module):
@@ -47,7 +56,21 @@ class ConvGLU(nn.Module):
         self.drop = nn.Dropout(drop)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, H, W, C) -> (B, H, W, out_features)."""
+        """(B, H, W, C) -> (B, H, W, out_features); without gradients, image by image in bands of rows on maps
+        whose hidden activations exceed BAND_ELEMENTS per image."""
+        height, per_row = x.shape[1], x.shape[2] * 2 * self.hidden_features
+        bands = [rows for rows, _ in row_bands(height, per_row, BAND_ELEMENTS)]
+        if len(bands) == 1 or (torch.is_grad_enabled() and (x.requires_grad or self.fc1.weight.requires_grad)):
+            return self._mix(x)
+        pieces = []
+        for image in x.split(1):
+            for rows in bands:
+                # one row of halo on each side inside the map: the 3x3 conv of the kept rows sees its true neighbours
+                first, last = max(0, rows.start - 1), min(height, rows.stop + 1)
+                pieces.append(self._mix(image[:, first:last])[:, rows.start - first:rows.stop - first])
+        return torch.cat(pieces, dim=1).view(x.shape[0], height, *pieces[0].shape[2:])
+
+    def _mix(self, x: torch.Tensor) -> torch.Tensor:
         x, gate = self.fc1(x).chunk(2, dim=-1)
         x = self.drop(self.act(self.dwconv(x)) * gate)
         return self.drop(self.fc2(x))
